@@ -1,0 +1,1 @@
+"""Everything that touches the world: the profile store, channels, run bookkeeping, routing."""

@@ -1,0 +1,113 @@
+"""Activities the journey workflow calls. All I/O of a journey happens here."""
+
+from __future__ import annotations
+
+import asyncpg
+import structlog
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from activities.channels import CHANNELS, RenderedMessage
+from activities.rendering import TemplateError, render
+from models.runtime import ProfileSnapshot, RunFinished, SendRequest, SendResult
+from store.profiles import profile_stats
+
+log = structlog.stdlib.get_logger("activities")
+
+
+class JourneyActivities:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    async def _profile(self, customer_id: str) -> ProfileSnapshot:
+        row = await self.pool.fetchrow(
+            "SELECT id, traits, timezone FROM customers WHERE id = $1", customer_id
+        )
+        if row is None:
+            raise ApplicationError(f"customer {customer_id!r} not found", type="InvalidRequest")
+        stats = await profile_stats(self.pool, customer_id)
+        traits = dict(row["traits"])
+        return ProfileSnapshot(
+            customer_id=customer_id, traits=traits, stats={**stats, "timezone": row["timezone"]}
+        )
+
+    @activity.defn(name="load_profile")
+    async def load_profile(self, customer_id: str) -> ProfileSnapshot:
+        return await self._profile(customer_id)
+
+    @activity.defn(name="send_message")
+    async def send_message(self, req: SendRequest) -> SendResult:
+        """Reserve under the idempotency key, deliver, record: a retry never sends twice."""
+        bound = log.bind(
+            customer_id=req.customer_id,
+            journey_id=req.journey_id,
+            workflow_id=req.workflow_id,
+            step=req.step_id,
+            key=req.idempotency_key,
+        )
+        existing = await self.pool.fetchrow(
+            "SELECT id, status FROM messages WHERE idempotency_key = $1", req.idempotency_key
+        )
+        if existing is not None and existing["status"] != "pending":
+            bound.info("send.duplicate", status=existing["status"])
+            return SendResult(message_id=existing["id"], status=existing["status"], duplicate=True)
+        channel = CHANNELS.get(req.channel)
+        if channel is None:
+            raise ApplicationError(f"unknown channel {req.channel!r}", type="InvalidRequest")
+        profile = await self._profile(req.customer_id)
+        ctx = {
+            "profile": profile.traits,
+            "customer": profile.as_context(),
+            "event": req.entry or {},
+            "journey": {"id": req.journey_id, "version": req.journey_version},
+        }
+        try:
+            subject = render(req.subject, ctx) if req.subject else None
+            body = render(req.body, ctx)
+        except TemplateError as err:
+            raise ApplicationError(
+                f"step {req.step_id!r}: template error: {err}", type="TemplateError"
+            ) from err
+        row = await self.pool.fetchrow(
+            "INSERT INTO messages (idempotency_key, customer_id, journey_id, journey_version, "
+            "step_id, workflow_id, channel, subject, body, status) "
+            "VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,'pending') "
+            "ON CONFLICT (idempotency_key) "
+            "DO UPDATE SET idempotency_key = EXCLUDED.idempotency_key "
+            "RETURNING id, status",
+            req.idempotency_key,
+            req.customer_id,
+            req.journey_id,
+            req.journey_version,
+            req.step_id,
+            req.workflow_id,
+            req.channel,
+            subject,
+            body,
+        )
+        assert row is not None
+        if row["status"] != "pending":
+            return SendResult(message_id=row["id"], status=row["status"], duplicate=True)
+        delivery = await channel.deliver(
+            RenderedMessage(req.idempotency_key, req.customer_id, req.channel, subject, body)
+        )
+        await self.pool.execute(
+            "UPDATE messages SET status = $2, sent_at = now() WHERE id = $1",
+            row["id"],
+            delivery.status,
+        )
+        bound.info("send.done", channel=req.channel, status=delivery.status, message_id=row["id"])
+        return SendResult(message_id=row["id"], status=delivery.status, duplicate=False)
+
+    @activity.defn(name="record_run_finished")
+    async def record_run_finished(self, done: RunFinished) -> None:
+        await self.pool.execute(
+            "UPDATE journey_runs SET status = $2, exit_reason = $3, ended_at = now() "
+            "WHERE workflow_id = $1 AND status = 'running'",
+            done.workflow_id,
+            done.status,
+            done.exit_reason,
+        )
+
+    def all(self) -> list[object]:
+        return [self.load_profile, self.send_message, self.record_run_finished]

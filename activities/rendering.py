@@ -1,0 +1,16 @@
+"""Message templates: Jinja2 in a sandbox; a missing variable is an error, never ''."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jinja2 import StrictUndefined, TemplateError
+from jinja2.sandbox import SandboxedEnvironment
+
+_env = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False)
+
+__all__ = ["TemplateError", "render"]
+
+
+def render(source: str, context: dict[str, Any]) -> str:
+    return _env.from_string(source).render(**context)

@@ -1,0 +1,53 @@
+"""FastAPI app. Production: `uvicorn api.main:app` with DATABASE_URL and TEMPORAL_ADDRESS."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from api import errors
+from api.deps import PoolDep
+from api.routes import customers, events, journeys
+from core.logs import configure_logging
+from core.settings import Settings, get_settings
+from core.temporal import connect
+from store.db import create_pool
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        configure_logging(settings.log_format, settings.log_level)
+        if not settings.database_url or not settings.temporal_address:
+            raise RuntimeError("the API needs DATABASE_URL and TEMPORAL_ADDRESS (or `make dev`)")
+        app.state.settings = settings
+        app.state.pool = await create_pool(settings.database_url, max_size=20)
+        app.state.temporal = await connect(settings.temporal_address, settings.temporal_namespace)
+        yield
+        await app.state.pool.close()
+
+    app = FastAPI(
+        title="Journeys",
+        description="Customer journey orchestration on Temporal: Segment-style event API, "
+        "customer read API, journey definitions.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    errors.install(app)
+    app.include_router(events.router)
+    app.include_router(customers.router)
+    app.include_router(journeys.router)
+
+    @app.get("/health", tags=["health"])
+    async def health(pool: PoolDep) -> dict[str, str]:
+        await pool.fetchval("SELECT 1")
+        return {"status": "ok"}
+
+    return app
+
+
+app = create_app()

@@ -1,0 +1,132 @@
+"""Read API over a customer: profile, events, messages, journey runs (admin key)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Query
+from temporalio.service import RPCError
+
+from api.deps import AdminDep, PoolDep, TemporalDep
+from api.errors import ApiError
+from models.public import (
+    CustomerPublic,
+    EventPage,
+    EventPublic,
+    IdentityPublic,
+    JourneyRunPublic,
+    MessagePage,
+    MessagePublic,
+)
+from models.runtime import RunSummary
+from store.profiles import find_customer
+
+router = APIRouter(prefix="/v1/customers", tags=["customers"], dependencies=[AdminDep])
+
+Limit = Query(100, ge=1, le=1000)
+
+
+async def _customer_id(pool: PoolDep, ref: str) -> str:
+    cid = await find_customer(pool, ref)
+    if cid is None:
+        raise ApiError(
+            404, "not_found", f"no customer with id, userId, anonymousId or email {ref!r}"
+        )
+    return cid
+
+
+@router.get("/{ref}", response_model=CustomerPublic)
+async def get_customer(ref: str, pool: PoolDep) -> CustomerPublic:
+    """`ref` is our customer id, a userId, an anonymousId or an email."""
+    cid = await _customer_id(pool, ref)
+    row = await pool.fetchrow("SELECT * FROM customers WHERE id = $1", cid)
+    ids = await pool.fetch(
+        "SELECT kind, value FROM identities WHERE customer_id = $1 ORDER BY kind, value", cid
+    )
+    assert row is not None
+    return CustomerPublic(
+        id=cid,
+        traits=row["traits"],
+        timezone=row["timezone"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        identities=[IdentityPublic(kind=r["kind"], value=r["value"]) for r in ids],
+    )
+
+
+@router.get("/{ref}/events", response_model=EventPage)
+async def get_events(
+    ref: str, pool: PoolDep, limit: int = Limit, before: int | None = None
+) -> EventPage:
+    """Newest first; page with `before=<next_before>`."""
+    cid = await _customer_id(pool, ref)
+    rows = await pool.fetch(
+        "SELECT * FROM events WHERE customer_id = $1 AND ($2::bigint IS NULL OR id < $2) "
+        "ORDER BY timestamp DESC, id DESC LIMIT $3",
+        cid,
+        before,
+        limit,
+    )
+    items = [
+        EventPublic(
+            id=r["id"],
+            message_id=r["message_id"],
+            type=r["type"],
+            event=r["event"],
+            timestamp=r["timestamp"],
+            received_at=r["received_at"],
+            routed=r["routed_at"] is not None,
+            properties=r["payload"].get("properties") or {},
+            traits=r["payload"].get("traits") or {},
+        )
+        for r in rows
+    ]
+    return EventPage(items=items, next_before=items[-1].id if len(items) == limit else None)
+
+
+@router.get("/{ref}/messages", response_model=MessagePage)
+async def get_messages(
+    ref: str, pool: PoolDep, limit: int = Limit, before: int | None = None
+) -> MessagePage:
+    cid = await _customer_id(pool, ref)
+    rows = await pool.fetch(
+        "SELECT * FROM messages WHERE customer_id = $1 AND ($2::bigint IS NULL OR id < $2) "
+        "ORDER BY id DESC LIMIT $3",
+        cid,
+        before,
+        limit,
+    )
+    items = [MessagePublic.model_validate(dict(r)) for r in rows]
+    return MessagePage(items=items, next_before=items[-1].id if len(items) == limit else None)
+
+
+@router.get("/{ref}/journeys", response_model=list[JourneyRunPublic])
+async def get_journeys(ref: str, pool: PoolDep, temporal: TemporalDep) -> list[JourneyRunPublic]:
+    """Each run with its current step, pending deadline and step history (live from Temporal)."""
+    cid = await _customer_id(pool, ref)
+    rows = await pool.fetch(
+        "SELECT * FROM journey_runs WHERE customer_id = $1 ORDER BY started_at DESC LIMIT 200", cid
+    )
+
+    async def describe(row: dict) -> JourneyRunPublic:
+        summary: RunSummary | None = None
+        try:
+            handle = temporal.get_workflow_handle(row["workflow_id"], run_id=row["run_id"])
+            summary = await handle.query("summary", result_type=RunSummary)
+        except RPCError:
+            summary = None  # history gone (retention) or unreachable: the stored row stands
+        return JourneyRunPublic(
+            journey_id=row["journey_id"],
+            version=row["journey_version"],
+            workflow_id=row["workflow_id"],
+            run_id=row["run_id"],
+            status=summary.status if summary else row["status"],
+            current_step=summary.step_id if summary else None,
+            step_deadline=summary.step_deadline if summary else None,
+            exit_reason=summary.exit_reason if summary else row["exit_reason"],
+            started_at=row["started_at"],
+            ended_at=row["ended_at"],
+            history=summary.history if summary else [],
+        )
+
+    return list(await asyncio.gather(*(describe(dict(r)) for r in rows)))

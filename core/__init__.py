@@ -1,0 +1,1 @@
+"""Cross-cutting pieces: settings, logging, the Temporal client, the embedded dev stack."""

@@ -1,0 +1,60 @@
+"""The one settings object, read from the environment (and `.env` if present)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+
+    database_url: str | None = Field(
+        default=None,
+        description="postgresql://user:pass@host/db; unset in dev = embedded PostgreSQL",
+    )
+    temporal_address: str | None = Field(
+        default=None, description="host:port of Temporal; unset in dev = embedded dev server"
+    )
+    temporal_namespace: str = "default"
+    temporal_task_queue: str = "journeys"
+    temporal_ui_port: int = 8233
+    temporal_port: int = 7233
+    journeys_write_key: str = "dev-write-key"
+    journeys_admin_key: str = "dev-admin-key"
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    data_dir: Path = ROOT / ".data"
+    log_format: str = Field(default="auto", description="json | console | auto (json off a TTY)")
+    log_level: str = "INFO"
+    # Outbox relay: how many stored events it routes per round.
+    router_batch_size: int = 2000
+    # Continue-as-new once the run's history has this many events (server suggests at 4096).
+    journey_history_limit: int = 2000
+
+    @property
+    def write_keys(self) -> set[str]:
+        return {k.strip() for k in self.journeys_write_key.split(",") if k.strip()}
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
+
+
+def asyncpg_dsn(url: str) -> str:
+    """The plain libpq form asyncpg accepts (drops a SQLAlchemy `+driver`)."""
+    return url.replace("postgresql+asyncpg://", "postgresql://", 1)
+
+
+def sqlalchemy_url(url: str) -> str:
+    if url.startswith("postgresql+asyncpg://"):
+        return url
+    return url.replace("postgresql://", "postgresql+asyncpg://", 1).replace(
+        "postgres://", "postgresql+asyncpg://", 1
+    )

@@ -1,0 +1,30 @@
+"""Connecting to Temporal the same way everywhere, and the search attributes we register."""
+
+from __future__ import annotations
+
+from temporalio.client import Client
+from temporalio.common import SearchAttributeKey
+from temporalio.contrib.pydantic import pydantic_data_converter
+
+CUSTOMER_ID = SearchAttributeKey.for_keyword("CustomerId")
+JOURNEY_ID = SearchAttributeKey.for_keyword("JourneyId")
+JOURNEY_VERSION = SearchAttributeKey.for_int("JourneyVersion")
+JOURNEY_STEP = SearchAttributeKey.for_keyword("JourneyStep")
+JOURNEY_STATUS = SearchAttributeKey.for_keyword("JourneyStatus")
+
+SEARCH_ATTRIBUTES = [CUSTOMER_ID, JOURNEY_ID, JOURNEY_VERSION, JOURNEY_STEP, JOURNEY_STATUS]
+
+
+def search_attribute_flags() -> list[str]:
+    """`--search-attribute Name=Type` flags for `temporal server start-dev`."""
+    kinds = {"KEYWORD": "Keyword", "INT": "Int"}
+    return [
+        f"{k.name}={kinds[k.indexed_value_type.name.removeprefix('INDEXED_VALUE_TYPE_')]}"
+        for k in SEARCH_ATTRIBUTES
+    ]
+
+
+async def connect(address: str, namespace: str = "default") -> Client:
+    return await Client.connect(
+        address, namespace=namespace, data_converter=pydantic_data_converter
+    )

@@ -1,0 +1,145 @@
+"""A typed JSON condition tree: safe (no eval), deterministic, checked when a journey is published.
+
+    {"path": "event.properties.price", "op": "gte", "value": 50}
+    {"all": [{"path": "profile.traits.plan", "op": "eq", "value": "pro"},
+             {"not": {"path": "profile.stats.events.Order Completed", "op": "exists"}}]}
+
+Paths start at a root: `event` (the event being matched), `entry` (the event that started the
+run), `profile` (`traits`, `stats`), `results` (earlier step results). Missing values are null;
+comparing values of different types is false, never an error.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
+
+Op = Literal[
+    "eq", "ne", "gt", "gte", "lt", "lte", "in", "not_in", "contains", "starts_with",
+    "exists", "not_exists",
+]  # fmt: skip
+ROOTS = ("event", "entry", "profile", "results")
+
+
+class Compare(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: str = Field(description="dotted path from a root: event, entry, profile, results")
+    op: Op
+    value: Any = None
+
+    @field_validator("path")
+    @classmethod
+    def _known_root(cls, v: str) -> str:
+        if v.split(".", 1)[0] not in ROOTS:
+            raise ValueError(f"path {v!r} must start with one of {', '.join(ROOTS)}")
+        return v
+
+
+class AllOf(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    all: list[Condition]
+
+
+class AnyOf(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    any: list[Condition]
+
+
+class Not(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    not_: Condition = Field(alias="not")
+
+
+def _kind(v: Any) -> str:
+    if isinstance(v, BaseModel):
+        return type(v).__name__
+    if isinstance(v, dict):
+        for key, tag in (("all", "AllOf"), ("any", "AnyOf"), ("not", "Not"), ("not_", "Not")):
+            if key in v:
+                return tag
+    return "Compare"
+
+
+Condition = Annotated[
+    Annotated[Compare, Tag("Compare")]
+    | Annotated[AllOf, Tag("AllOf")]
+    | Annotated[AnyOf, Tag("AnyOf")]
+    | Annotated[Not, Tag("Not")],
+    Discriminator(_kind),
+]
+for _m in (AllOf, AnyOf, Not):
+    _m.model_rebuild()
+
+_MISSING = object()
+
+
+def resolve(path: str, ctx: dict[str, Any]) -> Any:
+    """Walk a dotted path; a key may itself contain spaces (event names do)."""
+    node: Any = ctx
+    parts = path.split(".")
+    i = 0
+    while i < len(parts):
+        if not isinstance(node, dict):
+            return None
+        # Greedy match so `stats.events.Order Completed` and keys with dots both work.
+        for j in range(len(parts), i, -1):
+            key = ".".join(parts[i:j])
+            if key in node:
+                node = node[key]
+                i = j
+                break
+        else:
+            return None
+    return node
+
+
+def _compare(op: str, left: Any, right: Any) -> bool:
+    try:
+        if op == "eq":
+            return bool(left == right)
+        if op == "ne":
+            return bool(left != right)
+        if op in ("gt", "gte", "lt", "lte"):
+            if left is None or right is None:
+                return False
+            if isinstance(left, bool) or isinstance(right, bool):
+                return False
+            if isinstance(left, int | float) != isinstance(right, int | float):
+                return False
+            return {
+                "gt": left > right,
+                "gte": left >= right,
+                "lt": left < right,
+                "lte": left <= right,
+            }[op]
+        if op == "in":
+            return isinstance(right, list) and left in right
+        if op == "not_in":
+            return isinstance(right, list) and left not in right
+        if op == "contains":
+            if isinstance(left, list | str) and not (isinstance(left, str) and right is None):
+                return right in left
+            return False
+        if op == "starts_with":
+            return isinstance(left, str) and isinstance(right, str) and left.startswith(right)
+    except TypeError:
+        return False
+    raise ValueError(f"unknown operator {op!r}")
+
+
+def evaluate(cond: Condition | None, ctx: dict[str, Any]) -> bool:
+    if cond is None:
+        return True
+    if isinstance(cond, AllOf):
+        return all(evaluate(c, ctx) for c in cond.all)
+    if isinstance(cond, AnyOf):
+        return any(evaluate(c, ctx) for c in cond.any)
+    if isinstance(cond, Not):
+        return not evaluate(cond.not_, ctx)
+    value = resolve(cond.path, ctx)
+    if cond.op == "exists":
+        return value is not None
+    if cond.op == "not_exists":
+        return value is None
+    return _compare(cond.op, value, cond.value)

@@ -1,0 +1,92 @@
+"""Response bodies of the read API."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel
+
+from models.runtime import StepRecord
+
+
+class Accepted(BaseModel):
+    success: bool = True
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+
+
+class IdentityPublic(BaseModel):
+    kind: str
+    value: str
+
+
+class CustomerPublic(BaseModel):
+    id: str
+    traits: dict[str, Any]
+    timezone: str | None
+    created_at: datetime
+    updated_at: datetime
+    identities: list[IdentityPublic]
+
+
+class EventPublic(BaseModel):
+    id: int
+    message_id: str
+    type: str
+    event: str | None
+    timestamp: datetime
+    received_at: datetime
+    routed: bool
+    properties: dict[str, Any]
+    traits: dict[str, Any]
+
+
+class MessagePublic(BaseModel):
+    id: int
+    idempotency_key: str
+    channel: str
+    journey_id: str | None
+    journey_version: int | None
+    step_id: str | None
+    subject: str | None
+    body: str
+    status: str
+    created_at: datetime
+    sent_at: datetime | None
+
+
+class JourneyRunPublic(BaseModel):
+    journey_id: str
+    version: int
+    workflow_id: str
+    run_id: str
+    status: str
+    current_step: str | None
+    step_deadline: datetime | None
+    exit_reason: str | None
+    started_at: datetime
+    ended_at: datetime | None
+    history: list[StepRecord]
+
+
+class JourneyPublic(BaseModel):
+    id: str
+    name: str
+    status: str
+    current_version: int
+    live_runs: int
+    definition: dict[str, Any]
+
+
+class EventPage(BaseModel):
+    items: list[EventPublic]
+    next_before: int | None = None
+
+
+class MessagePage(BaseModel):
+    items: list[MessagePublic]
+    next_before: int | None = None

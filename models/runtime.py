@@ -1,0 +1,126 @@
+"""Payloads that cross the workflow boundary. Pure pydantic: imported inside the sandbox."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from models.journey import JourneyDefinition
+
+
+class JourneyEvent(BaseModel):
+    """An event as a journey sees it (a slice of the stored Segment envelope)."""
+
+    message_id: str
+    type: str
+    event: str | None = None
+    properties: dict[str, Any] = Field(default_factory=dict)
+    traits: dict[str, Any] = Field(default_factory=dict)
+    timestamp: datetime
+    customer_id: str
+
+    def as_context(self) -> dict[str, Any]:
+        return {
+            "type": self.type,
+            "event": self.event,
+            "properties": self.properties,
+            "traits": self.traits,
+            "timestamp": self.timestamp.isoformat(),
+            "message_id": self.message_id,
+        }
+
+
+class StepRecord(BaseModel):
+    step_id: str
+    kind: str
+    entered_at: datetime
+    left_at: datetime | None = None
+    outcome: str | None = None
+
+
+RunStatus = Literal["running", "completed", "exited"]
+
+
+class JourneyState(BaseModel):
+    """Everything a run needs to go on after continue-as-new."""
+
+    enrollment_id: str
+    entered_at: datetime
+    entry: JourneyEvent | None = None
+    status: RunStatus = "running"
+    exit_reason: str | None = None
+    step_id: str | None = None
+    step_deadline: datetime | None = None
+    send_seq: int = 0
+    pending: list[JourneyEvent] = Field(default_factory=list)
+    inbox: list[JourneyEvent] = Field(default_factory=list)
+    seen: list[str] = Field(default_factory=list, description="recent message ids, for dedupe")
+    results: dict[str, Any] = Field(default_factory=dict)
+    history: list[StepRecord] = Field(default_factory=list)
+    continued: int = 0
+
+
+class JourneyRunInput(BaseModel):
+    journey: JourneyDefinition
+    customer_id: str
+    state: JourneyState | None = None
+    history_limit: int = 2000
+
+
+class JourneyRunResult(BaseModel):
+    status: RunStatus
+    exit_reason: str | None
+    sends: int
+    steps: list[str]
+
+
+class RunSummary(BaseModel):
+    """What the `summary` query returns: readable in the UI and the API."""
+
+    journey_id: str
+    version: int
+    customer_id: str
+    status: RunStatus
+    step_id: str | None
+    step_deadline: datetime | None
+    exit_reason: str | None
+    history: list[StepRecord]
+    results: dict[str, Any]
+
+
+class ProfileSnapshot(BaseModel):
+    customer_id: str
+    traits: dict[str, Any]
+    stats: dict[str, Any]
+
+    def as_context(self) -> dict[str, Any]:
+        return {"customer_id": self.customer_id, "traits": self.traits, "stats": self.stats}
+
+
+class SendRequest(BaseModel):
+    idempotency_key: str
+    customer_id: str
+    journey_id: str
+    journey_version: int
+    step_id: str
+    workflow_id: str
+    channel: str
+    subject: str | None
+    body: str
+    entry: dict[str, Any] | None = None
+
+
+class SendResult(BaseModel):
+    message_id: int
+    status: str
+    duplicate: bool
+
+
+class RunFinished(BaseModel):
+    workflow_id: str
+    customer_id: str
+    journey_id: str
+    status: RunStatus
+    exit_reason: str | None

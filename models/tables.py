@@ -1,0 +1,139 @@
+"""PostgreSQL tables (SQLModel). Alembic migrations in `migrations/` are generated from these."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlmodel import Field, SQLModel
+
+_NOW = sa.text("now()")
+
+
+def _ts(nullable: bool = False, default: bool = True) -> Any:
+    return Field(
+        default=None,
+        sa_column=sa.Column(
+            sa.DateTime(timezone=True), nullable=nullable, server_default=_NOW if default else None
+        ),
+    )
+
+
+def _json() -> Any:
+    return Field(
+        default_factory=dict,
+        sa_column=sa.Column(JSONB, nullable=False, server_default=sa.text("'{}'::jsonb")),
+    )
+
+
+class Customer(SQLModel, table=True):
+    __tablename__ = "customers"
+    id: str = Field(primary_key=True, max_length=64)
+    traits: dict[str, Any] = _json()
+    timezone: str | None = Field(default=None, max_length=64)
+    merged_into: str | None = Field(default=None, max_length=64, index=True)
+    created_at: datetime | None = _ts()
+    updated_at: datetime | None = _ts()
+
+
+class Identity(SQLModel, table=True):
+    """userId / anonymousId / email / phone → customer."""
+
+    __tablename__ = "identities"
+    kind: str = Field(primary_key=True, max_length=16)
+    value: str = Field(primary_key=True, max_length=512)
+    customer_id: str = Field(foreign_key="customers.id", index=True, max_length=64)
+    created_at: datetime | None = _ts()
+
+
+class Event(SQLModel, table=True):
+    """The Segment envelope as received. Rows with `routed_at` null are the outbox."""
+
+    __tablename__ = "events"
+    __table_args__ = (
+        sa.Index("ix_events_customer_time", "customer_id", "timestamp"),
+        sa.Index(
+            "ix_events_unrouted",
+            "timestamp",
+            "id",
+            postgresql_where=sa.text("routed_at IS NULL"),
+        ),
+        sa.Index("ix_events_customer_event", "customer_id", "event"),
+    )
+    id: int | None = Field(
+        default=None, sa_column=sa.Column(sa.BigInteger, primary_key=True, autoincrement=True)
+    )
+    message_id: str = Field(max_length=512, unique=True)
+    type: str = Field(max_length=16)
+    event: str | None = Field(default=None, max_length=512)
+    user_id: str | None = Field(default=None, max_length=512)
+    anonymous_id: str | None = Field(default=None, max_length=512)
+    previous_id: str | None = Field(default=None, max_length=512)
+    customer_id: str | None = Field(default=None, max_length=64)
+    timestamp: datetime = Field(sa_column=sa.Column(sa.DateTime(timezone=True), nullable=False))
+    received_at: datetime | None = _ts()
+    routed_at: datetime | None = _ts(nullable=True, default=False)
+    payload: dict[str, Any] = _json()
+
+
+class Message(SQLModel, table=True):
+    """The send log: one row per send, reserved under its idempotency key before any effect."""
+
+    __tablename__ = "messages"
+    id: int | None = Field(
+        default=None, sa_column=sa.Column(sa.BigInteger, primary_key=True, autoincrement=True)
+    )
+    idempotency_key: str = Field(max_length=512, unique=True)
+    customer_id: str = Field(max_length=64, index=True)
+    journey_id: str | None = Field(default=None, max_length=64, index=True)
+    journey_version: int | None = None
+    step_id: str | None = Field(default=None, max_length=64)
+    workflow_id: str | None = Field(default=None, max_length=256)
+    channel: str = Field(max_length=32)
+    subject: str | None = None
+    body: str = ""
+    status: str = Field(max_length=32)
+    created_at: datetime | None = _ts()
+    sent_at: datetime | None = _ts(nullable=True, default=False)
+
+
+class Journey(SQLModel, table=True):
+    __tablename__ = "journeys"
+    id: str = Field(primary_key=True, max_length=64)
+    name: str
+    status: str = Field(max_length=16, description="active | paused | archived")
+    current_version: int
+    created_at: datetime | None = _ts()
+    updated_at: datetime | None = _ts()
+
+
+class JourneyVersion(SQLModel, table=True):
+    """Immutable published versions; runs pin the version they entered with."""
+
+    __tablename__ = "journey_versions"
+    journey_id: str = Field(primary_key=True, foreign_key="journeys.id", max_length=64)
+    version: int = Field(primary_key=True)
+    definition: dict[str, Any] = _json()
+    checksum: str = Field(max_length=64)
+    created_at: datetime | None = _ts()
+
+
+class JourneyRun(SQLModel, table=True):
+    """Runs known to the router: which workflows to signal for a customer's events."""
+
+    __tablename__ = "journey_runs"
+    __table_args__ = (
+        sa.Index("ix_runs_customer_status", "customer_id", "status"),
+        sa.Index("ix_runs_journey_customer", "journey_id", "customer_id"),
+    )
+    run_id: str = Field(primary_key=True, max_length=64)
+    workflow_id: str = Field(max_length=256, index=True)
+    journey_id: str = Field(max_length=64)
+    journey_version: int
+    customer_id: str = Field(max_length=64)
+    status: str = Field(max_length=16)
+    exit_reason: str | None = None
+    started_at: datetime | None = _ts()
+    ended_at: datetime | None = _ts(nullable=True, default=False)

@@ -1,0 +1,1 @@
+"""PostgreSQL access shared by the API, the activities and the outbox router (asyncpg, SQL)."""

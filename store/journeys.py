@@ -1,0 +1,136 @@
+"""Journey definitions: immutable published versions, loaded by the router."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import yaml
+from pydantic import ValidationError
+
+from models.journey import JourneyDefinition
+
+
+class DefinitionError(ValueError):
+    """A definition file that does not parse or validate; the message names file, step, field."""
+
+
+def _where(defn: dict[str, Any], loc: tuple[Any, ...]) -> str:
+    parts: list[str] = []
+    node: Any = defn
+    for i, key in enumerate(loc):
+        if i == 1 and loc[0] == "steps" and isinstance(key, int):
+            steps = defn.get("steps") or []
+            sid = (
+                steps[key].get("id") if key < len(steps) and isinstance(steps[key], dict) else None
+            )
+            parts.append(f"step {sid!r}" if sid else f"steps[{key}]")
+            node = steps[key] if key < len(steps) else None
+            continue
+        if isinstance(node, dict) and key in ("wait", "wait_for", "branch", "send", "exit"):
+            continue  # discriminator tag in pydantic's location
+        parts.append(str(key))
+        node = node.get(key) if isinstance(node, dict) else None
+    return " ".join(parts[:1]) + (": " + ".".join(parts[1:]) if len(parts) > 1 else "")
+
+
+def parse_definition(data: dict[str, Any], source: str = "definition") -> JourneyDefinition:
+    try:
+        return JourneyDefinition.model_validate(data)
+    except ValidationError as err:
+        msgs = [f"{_where(data, tuple(e['loc']))}: {e['msg']}" for e in err.errors()]
+        raise DefinitionError(f"{source}: " + "; ".join(msgs)) from None
+
+
+def load_file(path: Path) -> JourneyDefinition:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise DefinitionError(f"{path}{line}: {getattr(err, 'problem', err)}") from None
+    if not isinstance(data, dict):
+        raise DefinitionError(f"{path}: a journey definition must be a mapping")
+    return parse_definition(data, str(path))
+
+
+def _checksum(defn: JourneyDefinition) -> str:
+    body = defn.model_dump(mode="json", by_alias=True, exclude={"version"})
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+async def publish(conn: asyncpg.Connection | asyncpg.Pool, defn: JourneyDefinition) -> int:
+    """Publish as a new immutable version; publishing an unchanged definition is a no-op."""
+    checksum = _checksum(defn)
+    async with _acquire(conn) as c, c.transaction():
+        await c.execute("SELECT pg_advisory_xact_lock(hashtext($1))", defn.id)
+        row = await c.fetchrow(
+            "SELECT v.version, v.checksum FROM journeys j JOIN journey_versions v "
+            "ON v.journey_id = j.id AND v.version = j.current_version WHERE j.id = $1",
+            defn.id,
+        )
+        if row and row["checksum"] == checksum:
+            return int(row["version"])
+        version = (row["version"] if row else 0) + 1
+        pinned = defn.model_copy(update={"version": version})
+        if row is None:
+            await c.execute(
+                "INSERT INTO journeys (id, name, status, current_version) "
+                "VALUES ($1, $2, 'active', 0)",
+                defn.id,
+                defn.name,
+            )
+        await c.execute(
+            "INSERT INTO journey_versions (journey_id, version, definition, checksum) "
+            "VALUES ($1, $2, $3, $4)",
+            defn.id,
+            version,
+            pinned.model_dump(mode="json", by_alias=True),
+            checksum,
+        )
+        await c.execute(
+            "UPDATE journeys SET current_version = $2, name = $3, updated_at = now() WHERE id = $1",
+            defn.id,
+            version,
+            defn.name,
+        )
+        await c.execute("NOTIFY journeys_changed")
+    return version
+
+
+async def active_definitions(conn: asyncpg.Connection | asyncpg.Pool) -> list[JourneyDefinition]:
+    rows = await conn.fetch(
+        "SELECT v.definition FROM journeys j JOIN journey_versions v "
+        "ON v.journey_id = j.id AND v.version = j.current_version WHERE j.status = 'active' "
+        "ORDER BY j.id"
+    )
+    return [JourneyDefinition.model_validate(r["definition"]) for r in rows]
+
+
+async def publish_folder(conn: asyncpg.Connection | asyncpg.Pool, folder: Path) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for path in sorted(folder.glob("*.yaml")):
+        defn = load_file(path)
+        out[defn.id] = await publish(conn, defn)
+    return out
+
+
+class _acquire:
+    """Use a pool or an existing connection the same way."""
+
+    def __init__(self, conn: asyncpg.Connection | asyncpg.Pool) -> None:
+        self._conn = conn
+        self._held: Any = None
+
+    async def __aenter__(self) -> asyncpg.Connection:
+        if isinstance(self._conn, asyncpg.Pool):
+            self._held = self._conn.acquire()
+            return await self._held.__aenter__()
+        return self._conn
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._held is not None:
+            await self._held.__aexit__(*exc)

@@ -1,0 +1,216 @@
+"""Identity resolution and the unified profile.
+
+Events carry a `userId` and/or an `anonymousId`; `alias` adds a `previousId`. Each id maps to
+one customer (table `identities`). When an event ties together ids that belong to two
+customers, the anonymous one is merged into the known one: identities, events, messages and
+running journeys move to the survivor, and the merge is reported so running workflows follow.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+
+@dataclass
+class StoredEvent:
+    id: int
+    message_id: str
+    type: str
+    event: str | None
+    user_id: str | None
+    anonymous_id: str | None
+    previous_id: str | None
+    timestamp: datetime
+    payload: dict[str, Any]
+    customer_id: str = ""
+
+    @property
+    def traits(self) -> dict[str, Any]:
+        traits = self.payload.get("traits") or {}
+        if self.type != "identify":
+            traits = {}
+        return traits if isinstance(traits, dict) else {}
+
+
+@dataclass
+class Merge:
+    loser: str
+    survivor: str
+    moved_running: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Resolution:
+    merges: list[Merge] = field(default_factory=list)
+    new_customers: set[str] = field(default_factory=set)
+
+
+def _ids(e: StoredEvent) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    if e.user_id:
+        out.append(("user", e.user_id))
+    if e.anonymous_id:
+        out.append(("anonymous", e.anonymous_id))
+    return out
+
+
+async def resolve_and_apply(conn: asyncpg.Connection, events: list[StoredEvent]) -> Resolution:
+    """Give every event its customer, update traits and identities, in timestamp order.
+
+    Runs inside the caller's transaction; all look-ups are batched per chunk.
+    """
+    res = Resolution()
+    users = sorted({e.user_id for e in events if e.user_id} | {
+        e.previous_id for e in events if e.previous_id})  # fmt: skip
+    anons = sorted({e.anonymous_id for e in events if e.anonymous_id} | {
+        e.previous_id for e in events if e.previous_id})  # fmt: skip
+    owner: dict[tuple[str, str], str] = {}
+    for r in await conn.fetch(
+        "SELECT kind, value, customer_id FROM identities "
+        "WHERE (kind = 'user' AND value = ANY($1)) OR (kind = 'anonymous' AND value = ANY($2))",
+        users,
+        anons,
+    ):
+        owner[(r["kind"], r["value"])] = r["customer_id"]
+
+    new_ids: list[tuple[str, str, str]] = []
+    traits: dict[str, dict[str, Any]] = {}
+    zones: dict[str, str] = {}
+
+    def attach(key: tuple[str, str], cid: str) -> None:
+        if key not in owner:
+            owner[key] = cid
+            new_ids.append((key[0], key[1], cid))
+
+    for e in sorted(events, key=lambda x: (x.timestamp, x.id)):
+        keys = _ids(e)
+        if e.type == "alias" and e.previous_id:
+            prev = next(
+                (k for k in (("user", e.previous_id), ("anonymous", e.previous_id)) if k in owner),
+                ("anonymous", e.previous_id),
+            )
+            keys.append(prev)
+        known = [owner[k] for k in keys if k in owner]
+        if not known:
+            cid = uuid.uuid4().hex
+            res.new_customers.add(cid)
+        else:
+            # The survivor is the customer of the userId when there is one.
+            cid = known[0]
+            for other in dict.fromkeys(known[1:]):
+                if other != cid:
+                    await _merge(conn, loser=other, survivor=cid, owner=owner, res=res)
+        for k in keys:
+            attach(k, cid)
+        e.customer_id = cid
+        if e.traits:
+            traits.setdefault(cid, {}).update(e.traits)
+            for kind in ("email", "phone"):
+                value = e.traits.get(kind)
+                if isinstance(value, str) and value:
+                    attach((kind, value.strip().lower()), cid)
+        tz = (e.payload.get("context") or {}).get("timezone") or e.traits.get("timezone")
+        if isinstance(tz, str) and tz:
+            zones[cid] = tz
+
+    # A merged-away customer may still be referenced by events earlier in the chunk.
+    remap = {m.loser: m.survivor for m in res.merges}
+    for e in events:
+        while e.customer_id in remap:
+            e.customer_id = remap[e.customer_id]
+
+    if res.new_customers:
+        await conn.executemany(
+            "INSERT INTO customers (id) VALUES ($1) ON CONFLICT DO NOTHING",
+            [(c,) for c in res.new_customers],
+        )
+    if new_ids:
+        await conn.executemany(
+            "INSERT INTO identities (kind, value, customer_id) VALUES ($1, $2, $3) "
+            "ON CONFLICT DO NOTHING",
+            [(k, v, remap.get(c, c)) for k, v, c in new_ids],
+        )
+    if traits:
+        await conn.executemany(
+            "UPDATE customers SET traits = traits || $2::jsonb, updated_at = now() WHERE id = $1",
+            [(remap.get(c, c), t) for c, t in traits.items()],
+        )
+    if zones:
+        await conn.executemany(
+            "UPDATE customers SET timezone = $2 WHERE id = $1",
+            [(remap.get(c, c), z) for c, z in zones.items()],
+        )
+    await conn.execute(
+        "UPDATE events SET customer_id = u.cid FROM unnest($1::bigint[], $2::text[]) AS u(id, cid) "
+        "WHERE events.id = u.id",
+        [e.id for e in events],
+        [e.customer_id for e in events],
+    )
+    return res
+
+
+async def _merge(
+    conn: asyncpg.Connection,
+    *,
+    loser: str,
+    survivor: str,
+    owner: dict[tuple[str, str], str],
+    res: Resolution,
+) -> None:
+    await conn.execute(
+        "UPDATE customers s SET traits = l.traits || s.traits, updated_at = now() "
+        "FROM customers l WHERE s.id = $2 AND l.id = $1",
+        loser,
+        survivor,
+    )
+    for table in ("identities", "events", "messages"):
+        await conn.execute(
+            f"UPDATE {table} SET customer_id = $2 WHERE customer_id = $1", loser, survivor
+        )
+    moved = await conn.fetch(
+        "UPDATE journey_runs SET customer_id = $2 WHERE customer_id = $1 "
+        "RETURNING workflow_id, status",
+        loser,
+        survivor,
+    )
+    await conn.execute("UPDATE customers SET merged_into = $2 WHERE id = $1", loser, survivor)
+    for k, v in list(owner.items()):
+        if v == loser:
+            owner[k] = survivor
+    running = [r["workflow_id"] for r in moved if r["status"] == "running"]
+    res.merges.append(Merge(loser=loser, survivor=survivor, moved_running=running))
+
+
+async def find_customer(conn: asyncpg.Connection | asyncpg.Pool, ref: str) -> str | None:
+    """A customer by our id, userId, anonymousId or email; merged ids lead to the survivor."""
+    row = await conn.fetchrow(
+        "SELECT id, merged_into FROM customers WHERE id = $1", ref
+    ) or await conn.fetchrow(
+        "SELECT c.id, c.merged_into FROM identities i JOIN customers c ON c.id = i.customer_id "
+        "WHERE (i.kind = 'user' AND i.value = $1) OR (i.kind = 'anonymous' AND i.value = $1) "
+        "OR (i.kind = 'email' AND i.value = lower($1)) ORDER BY (i.kind = 'user') DESC LIMIT 1",
+        ref,
+    )
+    if row is None:
+        return None
+    return row["merged_into"] or row["id"]
+
+
+async def profile_stats(
+    conn: asyncpg.Connection | asyncpg.Pool, customer_id: str
+) -> dict[str, Any]:
+    rows = await conn.fetch(
+        "SELECT coalesce(event, type) AS name, count(*) AS n, max(timestamp) AS last "
+        "FROM events WHERE customer_id = $1 GROUP BY 1",
+        customer_id,
+    )
+    return {
+        "events": {r["name"]: r["n"] for r in rows},
+        "last_seen": {r["name"]: r["last"].isoformat() for r in rows},
+        "total_events": sum(r["n"] for r in rows),
+    }

@@ -1,0 +1,234 @@
+"""JourneyWorkflow: one definition, one customer, one durable run (continued as new when long)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from temporalio import workflow
+
+with workflow.unsafe.imports_passed_through():
+    from core.temporal import (
+        CUSTOMER_ID,
+        JOURNEY_ID,
+        JOURNEY_STATUS,
+        JOURNEY_STEP,
+        JOURNEY_VERSION,
+    )
+    from models.journey import JourneyDefinition
+    from models.runtime import (
+        JourneyEvent,
+        JourneyRunInput,
+        JourneyRunResult,
+        JourneyState,
+        RunFinished,
+        RunSummary,
+        StepRecord,
+    )
+    from workflows.steps import ACTIVITY_RETRY, END, HANDLERS, STAY, deadline_for
+
+SEEN_LIMIT = 1000
+INBOX_LIMIT = 100
+
+
+def workflow_id_for(journey_id: str, customer_id: str) -> str:
+    """One live run per (journey, customer); easy to find by prefix in the UI."""
+    return f"journey-{journey_id}-{customer_id}"
+
+
+@workflow.defn(name="JourneyWorkflow")
+class JourneyWorkflow:
+    @workflow.init
+    def __init__(self, inp: JourneyRunInput) -> None:
+        self.journey: JourneyDefinition = inp.journey
+        self.customer_id = inp.customer_id
+        self.history_limit = inp.history_limit
+        self.state: JourneyState = inp.state or JourneyState(
+            enrollment_id=str(workflow.uuid4()), entered_at=workflow.now()
+        )
+        self.outcome: str | None = None
+
+    # -- signals, queries -------------------------------------------------------------
+    @workflow.signal
+    def events(self, events: list[JourneyEvent]) -> None:
+        self.state.pending.extend(events)
+
+    @workflow.signal
+    def reassign(self, customer_id: str) -> None:
+        """The customer was merged into another profile: follow the surviving id."""
+        self.customer_id = customer_id
+        workflow.upsert_search_attributes([CUSTOMER_ID.value_set(customer_id)])
+
+    @workflow.query
+    def summary(self) -> RunSummary:
+        return RunSummary(
+            journey_id=self.journey.id,
+            version=self.journey.version,
+            customer_id=self.customer_id,
+            status=self.state.status,
+            step_id=self.state.step_id,
+            step_deadline=self.state.step_deadline,
+            exit_reason=self.state.exit_reason,
+            history=self.state.history,
+            results=self.state.results,
+        )
+
+    # -- the interpreter --------------------------------------------------------------
+    @workflow.run
+    async def run(self, inp: JourneyRunInput) -> JourneyRunResult:
+        st = self.state
+        if inp.state is None:
+            self._take_entry()
+            self._enter(self.journey.steps[0].id)
+        self._publish_position()
+        while True:
+            # Drain first: signals delivered with the start are already queued here.
+            self._drain()
+            if st.status != "running":
+                break
+            if st.step_id is None:
+                st.status = "completed"
+                break
+            if self.continue_as_new_due():
+                await workflow.wait_condition(workflow.all_handlers_finished)
+                st.continued += 1
+                workflow.continue_as_new(
+                    JourneyRunInput(
+                        journey=self.journey,
+                        customer_id=self.customer_id,
+                        state=st,
+                        history_limit=self.history_limit,
+                    )
+                )
+            step = self.journey.step(st.step_id)
+            self.outcome = None
+            target = await HANDLERS[step.kind](self, step)
+            if target == STAY:
+                continue
+            self._enter(None if target == END else target)
+        self._close_step()
+        self._publish_position()
+        await workflow.execute_activity(
+            "record_run_finished",
+            RunFinished(
+                workflow_id=workflow.info().workflow_id,
+                customer_id=self.customer_id,
+                journey_id=self.journey.id,
+                status=st.status,
+                exit_reason=st.exit_reason,
+            ),
+            start_to_close_timeout=timedelta(seconds=30),
+            retry_policy=ACTIVITY_RETRY,
+            summary="record run finished",
+        )
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        self._log("journey.finished", status=st.status, reason=st.exit_reason)
+        return JourneyRunResult(
+            status=st.status,
+            exit_reason=st.exit_reason,
+            sends=st.send_seq,
+            steps=[h.step_id for h in st.history],
+        )
+
+    # -- helpers used by step handlers -------------------------------------------------
+    def context(self) -> dict[str, Any]:
+        entry = self.state.entry.as_context() if self.state.entry else {}
+        return {"entry": entry, "results": self.state.results, "event": entry}
+
+    def exit(self, reason: str) -> None:
+        self.state.status = "exited"
+        self.state.exit_reason = reason
+
+    def continue_as_new_due(self) -> bool:
+        info = workflow.info()
+        return (
+            info.is_continue_as_new_suggested()
+            or info.get_current_history_length() >= self.history_limit
+        )
+
+    # -- internals ----------------------------------------------------------------------
+    def _take_entry(self) -> None:
+        st = self.state
+        for i, event in enumerate(st.pending):
+            if self.journey.entry.matches(event.as_context()):
+                st.entry = event
+                st.seen.append(event.message_id)
+                del st.pending[: i + 1]
+                return
+
+    def _drain(self) -> None:
+        st = self.state
+        if not st.pending:
+            return
+        pending, st.pending = st.pending, []
+        for event in pending:
+            if event.message_id in st.seen:
+                continue  # delivered twice (outbox relay retried): applied once
+            st.seen.append(event.message_id)
+            if st.status != "running":
+                continue
+            ctx = event.as_context()
+            rule = next((m for m in self.journey.exit_on if m.matches(ctx, self.context())), None)
+            if rule is not None:
+                self.exit(f"exit_on:{rule.event or rule.type}")
+                self._log("journey.exit_on", event=event.event, message_id=event.message_id)
+                continue
+            st.inbox.append(event)
+        del st.seen[:-SEEN_LIMIT]
+        del st.inbox[:-INBOX_LIMIT]
+
+    def _close_step(self) -> None:
+        st = self.state
+        if st.history and st.history[-1].left_at is None:
+            st.history[-1].left_at = workflow.now()
+            st.history[-1].outcome = self.outcome or (
+                st.exit_reason if st.status == "exited" else "done"
+            )
+
+    def _enter(self, step_id: str | None) -> None:
+        st = self.state
+        self._close_step()
+        st.step_id = step_id
+        st.inbox = []  # only events after a step starts count for it
+        st.step_deadline = None
+        if step_id is None:
+            return
+        step = self.journey.step(step_id)
+        delay = deadline_for(step)
+        if delay is not None:
+            st.step_deadline = workflow.now() + delay
+        st.history.append(StepRecord(step_id=step_id, kind=step.kind, entered_at=workflow.now()))
+        self._publish_position()
+        self._log("journey.step", step=step_id, kind=step.kind)
+
+    def _publish_position(self) -> None:
+        st = self.state
+        step = st.step_id or ("(finished)" if st.status != "running" else "(start)")
+        workflow.upsert_search_attributes(
+            [
+                CUSTOMER_ID.value_set(self.customer_id),
+                JOURNEY_ID.value_set(self.journey.id),
+                JOURNEY_VERSION.value_set(self.journey.version),
+                JOURNEY_STEP.value_set(step),
+                JOURNEY_STATUS.value_set(st.status),
+            ]
+        )
+        until = f" until {st.step_deadline.isoformat()}" if st.step_deadline else ""
+        reason = f" ({st.exit_reason})" if st.exit_reason else ""
+        workflow.set_current_details(
+            f"**{self.journey.name}** v{self.journey.version} · customer `{self.customer_id}`\n\n"
+            f"status: {st.status}{reason} · step: `{step}`{until} · sends: {st.send_seq}"
+        )
+
+    def _log(self, msg: str, **fields: Any) -> None:
+        workflow.logger.info(
+            msg,
+            extra={
+                "journey": {
+                    "customer_id": self.customer_id,
+                    "journey_id": self.journey.id,
+                    "journey_version": self.journey.version,
+                    **fields,
+                }
+            },
+        )
