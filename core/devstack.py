@@ -85,8 +85,12 @@ def main() -> None:
         children.append(
             subprocess.Popen(
                 [
-                    find_binary("uvicorn"), "api.main:app",
-                    "--host", settings.api_host, "--port", str(settings.api_port),
+                    find_binary("uvicorn"),
+                    "api.main:app",
+                    "--host",
+                    settings.api_host,
+                    "--port",
+                    str(settings.api_port),
                     "--no-access-log",
                 ],  # fmt: skip
                 env=env,
@@ -103,8 +107,8 @@ def main() -> None:
             f"\n  API docs     {api}/docs\n  Temporal UI  {ui}\n  Write key    "
             f"{settings.journeys_write_key}\n  Admin key    {settings.journeys_admin_key}\n"
             f"  Try:  curl -u {settings.journeys_write_key}: {api}/v1/track -H "
-            "'content-type: application/json' -d '{\"userId\":\"u1\",\"event\":\"Product Added\","
-            "\"properties\":{\"name\":\"Mug\"}}'\n\n  Ctrl-C stops everything.\n",
+            '\'content-type: application/json\' -d \'{"userId":"u1","event":"Product Added",'
+            '"properties":{"name":"Mug"}}\'\n\n  Ctrl-C stops everything.\n',
             flush=True,
         )
         stop = {"now": False}

@@ -53,7 +53,7 @@ def start_temporal(
     ]  # fmt: skip
     for flag in search_attribute_flags():
         cmd += ["--search-attribute", flag]
-    out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115
+    out = open(log, "ab") if log else subprocess.DEVNULL
     proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60
     while not port_in_use(port):

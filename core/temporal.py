@@ -28,3 +28,16 @@ async def connect(address: str, namespace: str = "default") -> Client:
     return await Client.connect(
         address, namespace=namespace, data_converter=pydantic_data_converter
     )
+
+
+async def register_search_attributes(client: Client, namespace: str = "default") -> None:
+    """Register our keys on a server that was not started with them (test server, external).
+
+    Registering keys that already exist with the same type is accepted.
+    """
+    from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
+
+    req = AddSearchAttributesRequest(namespace=namespace)
+    for key in SEARCH_ATTRIBUTES:
+        req.search_attributes[key.name] = int(key.indexed_value_type)
+    await client.operator_service.add_search_attributes(req)

@@ -74,6 +74,7 @@ class JourneyRunResult(BaseModel):
     exit_reason: str | None
     sends: int
     steps: list[str]
+    continued: int = 0
 
 
 class RunSummary(BaseModel):

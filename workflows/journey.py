@@ -128,6 +128,7 @@ class JourneyWorkflow:
             exit_reason=st.exit_reason,
             sends=st.send_seq,
             steps=[h.step_id for h in st.history],
+            continued=st.continued,
         )
 
     # -- helpers used by step handlers -------------------------------------------------
