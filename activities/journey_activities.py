@@ -103,8 +103,8 @@ class JourneyActivities:
     async def record_run_finished(self, done: RunFinished) -> None:
         await self.pool.execute(
             "UPDATE journey_runs SET status = $2, exit_reason = $3, ended_at = now() "
-            "WHERE workflow_id = $1 AND status = 'running'",
-            done.workflow_id,
+            "WHERE enrollment_id = $1",
+            done.enrollment_id,
             done.status,
             done.exit_reason,
         )

@@ -1,12 +1,18 @@
 """The outbox router: stored events → identity + profile → journey signals.
 
 The API only commits events to PostgreSQL (durable once it answers 200). This loop, running in
-the worker process, picks up unrouted events in timestamp order, resolves each to a customer,
-applies traits, and signals the customer's journeys (signal-with-start for an entry trigger)
-inside one database transaction per chunk. If anything fails (Temporal down, Postgres down,
-process killed) the transaction rolls back and the chunk is routed again; signals that did go
-out are delivered twice and the workflow drops them by `messageId`. One router is active at a
-time (advisory lock), which keeps a customer's events in order.
+the worker process, takes unrouted events in timestamp order and, per chunk:
+
+1. in one transaction: resolves each event to a customer, applies traits, and decides which
+   runs to signal and which to start (an enrollment row, keyed by the entry event, is written
+   before the run is started);
+2. calls Temporal: signals for running journeys, signal-with-start for entries;
+3. in a second transaction: records the started runs and marks the events routed.
+
+A crash or an outage anywhere leaves the events unrouted, so the chunk is routed again:
+identities already exist (same customer), a run already started under the same enrollment is
+signalled rather than started twice, and a workflow drops events it has seen (`messageId`).
+One router is active at a time (advisory lock), which keeps a customer's events in order.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import defaultdict
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -34,7 +41,7 @@ from models.journey import EventMatch, JourneyDefinition
 from models.runtime import JourneyEvent, JourneyRunInput
 from store.events import NOTIFY_CHANNEL
 from store.journeys import active_definitions
-from store.profiles import Resolution, StoredEvent, resolve_and_apply
+from store.profiles import StoredEvent, resolve_and_apply
 from workflows.journey import workflow_id_for
 
 log = structlog.stdlib.get_logger("router")
@@ -42,7 +49,14 @@ log = structlog.stdlib.get_logger("router")
 LEADER_LOCK = 7_270_001
 _SELECT = """
 SELECT id, message_id, type, event, user_id, anonymous_id, previous_id, timestamp, payload
-FROM events WHERE routed_at IS NULL ORDER BY timestamp, id LIMIT $1 FOR UPDATE SKIP LOCKED
+FROM events WHERE routed_at IS NULL ORDER BY timestamp, id LIMIT $1
+"""
+_ENROLL = """
+INSERT INTO journey_runs (enrollment_id, workflow_id, journey_id, journey_version, customer_id,
+                          status)
+VALUES ($1, $2, $3, $4, $5, 'starting')
+ON CONFLICT (enrollment_id) DO UPDATE SET enrollment_id = EXCLUDED.enrollment_id
+RETURNING status
 """
 
 
@@ -71,6 +85,31 @@ def _hits(keys: set[tuple[str, str | None]], e: JourneyEvent) -> bool:
     return (e.type, e.event) in keys or (e.type, None) in keys
 
 
+@dataclass
+class _Start:
+    journey: JourneyDefinition
+    customer_id: str
+    enrollment_id: str
+    events: list[JourneyEvent]
+    run_id: str | None = None
+
+
+@dataclass
+class _Signal:
+    workflow_id: str
+    enrollment_id: str
+    journey: JourneyDefinition
+    customer_id: str
+    events: list[JourneyEvent]
+
+
+@dataclass
+class _Plan:
+    signals: list[_Signal] = field(default_factory=list)
+    starts: list[_Start] = field(default_factory=list)
+    reassign: list[tuple[str, str]] = field(default_factory=list)
+
+
 class EventRouter:
     def __init__(
         self,
@@ -94,7 +133,19 @@ class EventRouter:
 
     # -- loop ------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
-        """Become leader, then route until `stop` is set; back off on errors."""
+        """Route until `stop` is set, surviving database restarts."""
+        backoff = 0.2
+        while not stop.is_set():
+            try:
+                await self._lead(stop)
+                backoff = 0.2
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as err:
+                log.warning("router.connection_lost", error=str(err), retry_in=backoff)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    async def _lead(self, stop: asyncio.Event) -> None:
         conn: asyncpg.Connection = await self.pool.acquire()
         try:
             while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", LEADER_LOCK):
@@ -104,9 +155,12 @@ class EventRouter:
                     return
             await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
             await conn.add_listener("journeys_changed", self._on_journeys)
+            self._journeys_stale = True
             log.info("router.leader")
             backoff = 0.2
             while not stop.is_set():
+                if conn.is_closed():
+                    return  # lost the lock with the connection: become leader again
                 try:
                     n = await self.route_once()
                     backoff = 0.2
@@ -128,9 +182,11 @@ class EventRouter:
                 for w in waiters:
                     w.cancel()
         finally:
+            if not conn.is_closed():
+                with contextlib.suppress(Exception):
+                    await conn.execute("SELECT pg_advisory_unlock_all()")
             with contextlib.suppress(Exception):
-                await conn.execute("SELECT pg_advisory_unlock_all()")
-            await self.pool.release(conn)
+                await self.pool.release(conn)
 
     def _on_notify(self, *_: Any) -> None:
         self._wake.set()
@@ -144,112 +200,79 @@ class EventRouter:
         if self._journeys_stale:
             self._journeys_stale = False
             self._journeys = await active_definitions(self.pool)
-        async with self.pool.acquire() as conn, conn.transaction():
-            rows = await conn.fetch(_SELECT, self.batch_size)
-            if not rows:
-                return 0
-            events = [StoredEvent(**dict(r)) for r in rows]
-            resolution = await resolve_and_apply(conn, events)
-            await self._dispatch(conn, events, resolution)
-            await conn.execute(
-                "UPDATE events SET routed_at = now() WHERE id = ANY($1::bigint[])",
-                [e.id for e in events],
-            )
-        log.debug("router.routed", events=len(events))
+        async with self.pool.acquire() as conn:
+            async with conn.transaction():
+                rows = await conn.fetch(_SELECT, self.batch_size)
+                if not rows:
+                    return 0
+                events = [StoredEvent(**dict(r)) for r in rows]
+                resolution = await resolve_and_apply(conn, events)
+                plan = await self._plan(conn, events)
+                plan.reassign = [
+                    (w, m.survivor) for m in resolution.merges for w in m.moved_running
+                ]
+            await self._execute(plan)
+            async with conn.transaction():
+                await conn.executemany(
+                    "UPDATE journey_runs SET run_id = $2, status = 'running' "
+                    "WHERE enrollment_id = $1 AND status = 'starting'",
+                    [(s.enrollment_id, s.run_id) for s in plan.starts],
+                )
+                await conn.execute(
+                    "UPDATE events SET routed_at = now() WHERE id = ANY($1::bigint[])",
+                    [e.id for e in events],
+                )
+        log.debug("router.routed", events=len(events), starts=len(plan.starts))
         return len(events)
 
-    async def _dispatch(
-        self, conn: asyncpg.Connection, events: list[StoredEvent], res: Resolution
-    ) -> None:
+    async def _plan(self, conn: asyncpg.Connection, events: list[StoredEvent]) -> _Plan:
+        plan = _Plan()
+        if not self._journeys:
+            return plan
         by_customer: dict[str, list[JourneyEvent]] = defaultdict(list)
         for e in events:
             by_customer[e.customer_id].append(journey_event(e))
-        calls: list[Any] = [
-            self._signal(wid, "reassign", m.survivor) for m in res.merges for wid in m.moved_running
-        ]
-        if self._journeys:
-            cids = list(by_customer)
-            active: dict[tuple[str, str], list[str]] = defaultdict(list)
-            last: dict[tuple[str, str], datetime] = {}
-            for r in await conn.fetch(
-                "SELECT customer_id, journey_id, workflow_id, status, started_at FROM journey_runs "
-                "WHERE customer_id = ANY($1::text[])",
-                cids,
-            ):
-                key = (r["customer_id"], r["journey_id"])
-                if r["status"] == "running":
-                    active[key].append(r["workflow_id"])
-                if key not in last or r["started_at"] > last[key]:
-                    last[key] = r["started_at"]
-            for journey in self._journeys:
-                entry_keys = _names([journey.entry])
-                keys = entry_keys | _names(journey.interesting())
-                for cid, jevs in by_customer.items():
-                    relevant = [e for e in jevs if _hits(keys, e)]
-                    if not relevant:
-                        continue
-                    runs = active.get((cid, journey.id))
-                    if runs:
-                        calls.extend(
-                            self._signal_or_enter(wid, journey, cid, relevant, last)
-                            for wid in dict.fromkeys(runs)
-                        )
-                    else:
-                        calls.append(self._enter(journey, cid, relevant, last))
-        if not calls:
-            return
-        started = [r for r in await asyncio.gather(*calls) if isinstance(r, tuple)]
-        if started:
-            # A finished run we signalled in vain is marked done before its successor starts.
-            await conn.executemany(
-                "UPDATE journey_runs SET status = 'completed', ended_at = now() "
-                "WHERE workflow_id = $1 AND status = 'running' AND run_id <> $2",
-                [(r[1], r[0]) for r in started],
-            )
-            await conn.executemany(
-                "INSERT INTO journey_runs (run_id, workflow_id, journey_id, journey_version, "
-                "customer_id, status) VALUES ($1, $2, $3, $4, $5, 'running') "
-                "ON CONFLICT DO NOTHING",
-                started,
-            )
+        active: dict[tuple[str, str], list[tuple[str, str]]] = defaultdict(list)
+        last: dict[tuple[str, str], datetime] = {}
+        for r in await conn.fetch(
+            "SELECT customer_id, journey_id, workflow_id, enrollment_id, status, started_at "
+            "FROM journey_runs WHERE customer_id = ANY($1::text[])",
+            list(by_customer),
+        ):
+            key = (r["customer_id"], r["journey_id"])
+            if r["status"] in ("starting", "running"):
+                active[key].append((r["workflow_id"], r["enrollment_id"]))
+            if key not in last or r["started_at"] > last[key]:
+                last[key] = r["started_at"]
+        for journey in self._journeys:
+            keys = _names([journey.entry]) | _names(journey.interesting())
+            for cid, jevs in by_customer.items():
+                relevant = [e for e in jevs if _hits(keys, e)]
+                if not relevant:
+                    continue
+                runs = active.get((cid, journey.id))
+                if runs:
+                    plan.signals.extend(
+                        _Signal(wid, enrollment, journey, cid, relevant) for wid, enrollment in runs
+                    )
+                elif start := await self._enroll(
+                    conn, journey, cid, relevant, last.get((cid, journey.id))
+                ):
+                    plan.starts.append(start)
+        return plan
 
-    # -- Temporal calls ----------------------------------------------------------------
-    async def _signal(self, workflow_id: str, signal: str, arg: Any) -> bool:
-        """Signal a run; False when it has already finished."""
-        async with self._sem:
-            try:
-                await self.client.get_workflow_handle(workflow_id).signal(signal, arg)
-                return True
-            except RPCError as err:
-                if err.status == RPCStatusCode.NOT_FOUND:
-                    return False
-                raise
-
-    async def _signal_or_enter(
+    async def _enroll(
         self,
-        workflow_id: str,
+        conn: asyncpg.Connection,
         journey: JourneyDefinition,
         cid: str,
         jevs: list[JourneyEvent],
-        last: dict[tuple[str, str], datetime],
-    ) -> tuple[str, str, str, int, str] | None:
-        if await self._signal(workflow_id, "events", jevs):
+        previous: datetime | None,
+    ) -> _Start | None:
+        """Decide on entry (trigger, re-entry rule) and write the enrollment before starting."""
+        first = next((i for i, e in enumerate(jevs) if journey.entry.matches(e.as_context())), None)
+        if first is None:
             return None
-        # The run finished after we looked (its end is being recorded): re-enter if allowed.
-        return await self._enter(journey, cid, jevs, last)
-
-    async def _enter(
-        self,
-        journey: JourneyDefinition,
-        cid: str,
-        jevs: list[JourneyEvent],
-        last: dict[tuple[str, str], datetime],
-    ) -> tuple[str, str, str, int, str] | None:
-        """Signal-with-start a run; returns its journey_runs row, or None if not entered."""
-        start = next((i for i, e in enumerate(jevs) if journey.entry.matches(e.as_context())), None)
-        if start is None:
-            return None
-        previous = last.get((cid, journey.id))
         rule = journey.re_entry
         if previous is not None:
             if rule.policy == "never":
@@ -258,14 +281,68 @@ class EventRouter:
                 if datetime.now(UTC) - previous < parse_duration(rule.after):
                     return None
         wid = workflow_id_for(journey.id, cid)
+        enrollment = f"{wid}:{jevs[first].message_id}"
+        status = await conn.fetchval(_ENROLL, enrollment, wid, journey.id, journey.version, cid)
+        if status not in ("starting", "running"):
+            return None  # this very entry already ran to its end
+        return _Start(journey, cid, enrollment, jevs[first:])
+
+    # -- Temporal calls ----------------------------------------------------------------
+    async def _execute(self, plan: _Plan) -> None:
+        calls: list[Any] = [self._start(s) for s in plan.starts]
+        calls += [self._signal(s) for s in plan.signals]
+        calls += [self._reassign(wid, cid) for wid, cid in plan.reassign]
+        if calls:
+            await asyncio.gather(*calls)
+
+    async def _reassign(self, workflow_id: str, customer_id: str) -> None:
+        async with self._sem:
+            with contextlib.suppress(RPCError):
+                await self.client.get_workflow_handle(workflow_id).signal("reassign", customer_id)
+
+    async def _signal(self, sig: _Signal) -> None:
+        try:
+            async with self._sem:
+                await self.client.get_workflow_handle(sig.workflow_id).signal("events", sig.events)
+            return
+        except RPCError as err:
+            if err.status != RPCStatusCode.NOT_FOUND:
+                raise
+        # The run has ended (finished just now, or was terminated by an operator): record
+        # that, and enter again if these events trigger the journey.
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "UPDATE journey_runs SET status = 'ended', ended_at = now() "
+                "WHERE enrollment_id = $1 AND status IN ('starting', 'running')",
+                sig.enrollment_id,
+            )
+            start = await self._enroll(conn, sig.journey, sig.customer_id, sig.events, None)
+            if start is None:
+                return
+            await self._start(start)
+            await conn.execute(
+                "UPDATE journey_runs SET run_id = $2, status = 'running' "
+                "WHERE enrollment_id = $1 AND status = 'starting'",
+                start.enrollment_id,
+                start.run_id,
+            )
+
+    async def _start(self, start: _Start) -> None:
+        journey, cid = start.journey, start.customer_id
+        wid = workflow_id_for(journey.id, cid)
         async with self._sem:
             handle = await self.client.start_workflow(
                 "JourneyWorkflow",
-                JourneyRunInput(journey=journey, customer_id=cid, history_limit=self.history_limit),
+                JourneyRunInput(
+                    journey=journey,
+                    customer_id=cid,
+                    enrollment_id=start.enrollment_id,
+                    history_limit=self.history_limit,
+                ),
                 id=wid,
                 task_queue=self.task_queue,
                 start_signal="events",
-                start_signal_args=[jevs[start:]],
+                start_signal_args=[start.events],
                 id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
                 id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
                 search_attributes=TypedSearchAttributes(
@@ -280,9 +357,8 @@ class EventRouter:
                 memo={"journey": journey.name, "version": journey.version, "customer": cid},
                 static_summary=f"{journey.name} v{journey.version} for customer {cid}",
             )
+        start.run_id = handle.result_run_id
         log.info(
             "router.entered", customer_id=cid, journey_id=journey.id, workflow_id=wid,
             version=journey.version,
         )  # fmt: skip
-        assert handle.result_run_id is not None
-        return (handle.result_run_id, wid, journey.id, journey.version, cid)

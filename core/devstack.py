@@ -92,7 +92,7 @@ def main() -> None:
                     "--port",
                     str(settings.api_port),
                     "--no-access-log",
-                ],  # fmt: skip
+                ],
                 env=env,
                 cwd=ROOT,
             )

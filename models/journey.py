@@ -1,7 +1,8 @@
 """The declarative journey definition. One schema class per step kind.
 
 A step goes to `next` when it has one, else to the step after it; past the last step, or at
-the target `end`, the run completes. Adding a step kind = one class here + one handler in `workflows/steps.py`.
+the target `end`, the run completes. Adding a step kind = one class here + one handler in
+`workflows/steps.py`.
 """
 
 from __future__ import annotations

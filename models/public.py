@@ -63,7 +63,7 @@ class JourneyRunPublic(BaseModel):
     journey_id: str
     version: int
     workflow_id: str
-    run_id: str
+    run_id: str | None
     status: str
     current_step: str | None
     step_deadline: datetime | None

@@ -65,6 +65,7 @@ class JourneyState(BaseModel):
 class JourneyRunInput(BaseModel):
     journey: JourneyDefinition
     customer_id: str
+    enrollment_id: str
     state: JourneyState | None = None
     history_limit: int = 2000
 
@@ -120,6 +121,7 @@ class SendResult(BaseModel):
 
 
 class RunFinished(BaseModel):
+    enrollment_id: str
     workflow_id: str
     customer_id: str
     journey_id: str

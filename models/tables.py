@@ -121,14 +121,18 @@ class JourneyVersion(SQLModel, table=True):
 
 
 class JourneyRun(SQLModel, table=True):
-    """Runs known to the router: which workflows to signal for a customer's events."""
+    """One row per enrollment, written before its run starts; the router signals the
+    customer's `starting` / `running` ones."""
 
     __tablename__ = "journey_runs"
     __table_args__ = (
         sa.Index("ix_runs_customer_status", "customer_id", "status"),
         sa.Index("ix_runs_journey_customer", "journey_id", "customer_id"),
     )
-    run_id: str = Field(primary_key=True, max_length=64)
+    enrollment_id: str = Field(
+        primary_key=True, max_length=1024, description="workflow id + entry event messageId"
+    )
+    run_id: str | None = Field(default=None, max_length=64)
     workflow_id: str = Field(max_length=256, index=True)
     journey_id: str = Field(max_length=64)
     journey_version: int

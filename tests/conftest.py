@@ -78,16 +78,16 @@ async def dev_env() -> AsyncIterator[WorkflowEnvironment]:
 
 
 async def eventually(
-    check: Callable[[], Awaitable[T]], *, timeout: float = 20.0, what: str = "condition"
+    check: Callable[[], Awaitable[T]], *, within: float = 20.0, what: str = "condition"
 ) -> T:
     """Wait for a condition that another process makes true (polls; fails with `what`)."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     while True:
         result = await check()
         if result:
             return result
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            raise AssertionError(f"timed out after {within}s waiting for {what}")
         await asyncio.sleep(0.05)
 
 

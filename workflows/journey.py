@@ -44,7 +44,7 @@ class JourneyWorkflow:
         self.customer_id = inp.customer_id
         self.history_limit = inp.history_limit
         self.state: JourneyState = inp.state or JourneyState(
-            enrollment_id=str(workflow.uuid4()), entered_at=workflow.now()
+            enrollment_id=inp.enrollment_id, entered_at=workflow.now()
         )
         self.outcome: str | None = None
 
@@ -96,6 +96,7 @@ class JourneyWorkflow:
                     JourneyRunInput(
                         journey=self.journey,
                         customer_id=self.customer_id,
+                        enrollment_id=st.enrollment_id,
                         state=st,
                         history_limit=self.history_limit,
                     )
@@ -107,10 +108,13 @@ class JourneyWorkflow:
                 continue
             self._enter(None if target == END else target)
         self._close_step()
+        st.step_id = None  # the history keeps where the run ended
+        st.step_deadline = None
         self._publish_position()
         await workflow.execute_activity(
             "record_run_finished",
             RunFinished(
+                enrollment_id=st.enrollment_id,
                 workflow_id=workflow.info().workflow_id,
                 customer_id=self.customer_id,
                 journey_id=self.journey.id,

@@ -110,7 +110,7 @@ async def send(run: JourneyWorkflow, step: SendStep) -> str:
     run.state.send_seq += 1
     info = workflow.info()
     request = SendRequest(
-        idempotency_key=f"{info.workflow_id}:{run.state.enrollment_id}:{run.state.send_seq}",
+        idempotency_key=f"{run.state.enrollment_id}:{run.state.send_seq}",
         customer_id=run.customer_id,
         journey_id=run.journey.id,
         journey_version=run.journey.version,
