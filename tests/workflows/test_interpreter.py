@@ -1,0 +1,176 @@
+"""Interpreter rules beyond the examples: wait_for outcomes, dedupe, continue-as-new,
+re-routing after a crash, identity merges. Time-skipping server, real Postgres."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from temporalio.testing import WorkflowEnvironment
+
+from models.runtime import JourneyEvent, RunSummary
+from tests.harness import engine, identify, track
+
+
+def _journey(jid: str, steps: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    return {"id": jid, "name": jid, "entry": {"event": "Started"}, "steps": steps, **extra}
+
+
+WAIT_FOR = _journey(
+    "wait_for_order",
+    [
+        {
+            "id": "await_order",
+            "kind": "wait_for",
+            "timeout": "1h",
+            "on_timeout": "nudge",
+            "events": [
+                {
+                    "event": "Order Completed",
+                    "conditions": {"path": "event.properties.total", "op": "gte", "value": 10},
+                    "next": "thanks",
+                }
+            ],
+        },
+        {"id": "nudge", "kind": "send", "template": {"body": "still there?"}, "next": "end"},
+        {"id": "thanks", "kind": "send", "template": {"body": "thanks for {{ event.event }}"}},
+    ],
+)
+
+
+async def test_wait_for_takes_the_event_branch_when_conditions_match(db, ts_env):
+    async with engine(db, ts_env) as eng:
+        await eng.publish(WAIT_FOR)
+        await eng.send(track("a", "Started"))
+        handle = await eng.run("wait_for_order", "a")
+        await eng.send(track("a", "Order Completed", total=5))  # below the threshold
+        await eng.send(track("a", "Order Completed", total=50))
+        result = await eng.result(handle)
+        assert result.steps == ["await_order", "thanks"]
+        summary = await handle.query("summary", result_type=RunSummary)
+        assert summary.results["await_order"]["event"]["properties"] == {"total": 50}
+        assert [m["body"] for m in await eng.messages("a")] == ["thanks for Started"]
+
+
+async def test_wait_for_times_out_to_its_branch(db, ts_env):
+    async with engine(db, ts_env) as eng:
+        await eng.publish(WAIT_FOR)
+        await eng.send(track("b", "Started"))
+        result = await eng.result(await eng.run("wait_for_order", "b"))
+        assert result.steps == ["await_order", "nudge"]
+        assert [m["step_id"] for m in await eng.messages("b")] == ["nudge"]
+
+
+async def test_an_event_delivered_twice_counts_once(db, ts_env):
+    twice = _journey(
+        "twice",
+        [
+            {"id": "first", "kind": "wait_for", "timeout": "1h", "events": [{"event": "Clicked"}]},
+            {
+                "id": "second",
+                "kind": "wait_for",
+                "timeout": "1h",
+                "on_timeout": "end",
+                "events": [{"event": "Clicked", "next": "clicked_twice"}],
+            },
+            {"id": "clicked_twice", "kind": "send", "template": {"body": "two clicks"}},
+        ],
+    )
+    async with engine(db, ts_env) as eng:
+        await eng.publish(twice)
+        await eng.send(track("c", "Started"))
+        handle = await eng.run("twice", "c")
+        cid = await eng.customer("c")
+        click = JourneyEvent(
+            message_id="click-1", type="track", event="Clicked",
+            timestamp=await ts_env.get_current_time(), customer_id=cid,
+        )  # fmt: skip
+        await handle.signal("events", [click])
+        await handle.signal("events", [click])  # the router re-delivers after a crash
+        result = await eng.result(handle)
+        assert result.steps == ["first", "second"]
+        assert await eng.messages("c") == []
+
+
+async def test_long_runs_continue_as_new_without_losing_state(db, ts_env):
+    steps: list[dict[str, Any]] = []
+    for i in range(4):
+        steps += [
+            {"id": f"wait_{i}", "kind": "wait", "duration": "1d"},
+            {"id": f"send_{i}", "kind": "send", "template": {"body": f"day {i}"}},
+        ]
+    steps.append(
+        {"id": "finish", "kind": "wait_for", "timeout": "30d", "events": [{"event": "Finish"}]}
+    )
+    async with engine(db, ts_env, history_limit=20) as eng:
+        await eng.publish(_journey("long", steps, exit_on=[{"event": "Cancel"}]))
+        await eng.send(track("d", "Started"))
+        handle = await eng.run("long", "d")
+        await ts_env.sleep(timedelta(days=5))
+        await eng.send(track("d", "Finish"))
+        result = await eng.result(handle)
+        assert result.status == "completed"
+        assert result.continued >= 1
+        assert result.sends == 4
+        assert result.steps[-1] == "finish"
+        msgs = await eng.messages("d")
+        assert [m["body"] for m in msgs] == ["day 0", "day 1", "day 2", "day 3"]
+        assert len({m["idempotency_key"] for m in msgs}) == 4
+
+
+async def test_rerouting_a_chunk_neither_restarts_nor_resends(db, ts_env):
+    greet = _journey(
+        "greet",
+        [
+            {"id": "hello", "kind": "send", "template": {"body": "hi"}},
+            {"id": "linger", "kind": "wait", "duration": "1h"},
+        ],
+    )
+    async with engine(db, ts_env) as eng:
+        await eng.publish(greet)
+        await eng.send(track("e", "Started"))
+        handle = await eng.run("greet", "e")
+        # As if the router died after calling Temporal and before marking the chunk routed.
+        await db.execute("UPDATE events SET routed_at = NULL")
+        await db.execute("UPDATE journey_runs SET status = 'starting', run_id = NULL")
+        assert await eng.router.route_once() == 1
+        result = await eng.result(handle)
+        assert result.sends == 1
+        assert len(await eng.messages("e")) == 1
+        assert await db.fetchval("SELECT count(*) FROM journey_runs") == 1
+        assert await db.fetchval("SELECT count(*) FROM customers") == 1
+
+
+async def test_anonymous_journey_follows_the_customer_after_a_merge(db, ts_env):
+    async with engine(db, ts_env) as eng:
+        await eng.publish_examples()
+        await eng.send({"type": "track", "anonymousId": "anon-7", "event": "Product Added"})
+        anon_run = await eng.run("cart_recovery", "anon-7")
+        await eng.send(identify("u-7", first_name="Gil"))
+        known = await eng.customer("u-7")
+        assert known != await db.fetchval(
+            "SELECT customer_id FROM identities WHERE value = 'anon-7'"
+        )
+        await eng.send({**identify("u-7"), "anonymousId": "anon-7"})  # ties the two together
+        assert await eng.customer("anon-7") == known
+        await eng.send(track("u-7", "Order Completed"))
+        result = await eng.result(anon_run)
+        assert (result.status, result.sends) == ("exited", 0)
+        summary = await anon_run.query("summary", result_type=RunSummary)
+        assert summary.customer_id == known
+        assert await db.fetchval("SELECT count(*) FROM events WHERE customer_id = $1", known) == 4
+
+
+async def test_reentry_never_enters_once(db, ts_env: WorkflowEnvironment):
+    once = _journey(
+        "once",
+        [{"id": "hello", "kind": "send", "template": {"body": "hi"}}],
+        re_entry={"policy": "never"},
+    )
+    async with engine(db, ts_env) as eng:
+        await eng.publish(once)
+        await eng.send(track("f", "Started"))
+        await eng.result(await eng.run("once", "f"))
+        await eng.send(track("f", "Started"))
+        assert len(await eng.messages("f")) == 1
+        assert await db.fetchval("SELECT count(*) FROM journey_runs") == 1
