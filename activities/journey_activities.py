@@ -19,21 +19,26 @@ class JourneyActivities:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
 
-    async def _profile(self, customer_id: str) -> ProfileSnapshot:
+    async def _profile(self, customer_id: str, *, stats: bool) -> ProfileSnapshot:
+        # A merged-away customer reads as the survivor it was merged into.
         row = await self.pool.fetchrow(
-            "SELECT id, traits, timezone FROM customers WHERE id = $1", customer_id
+            "SELECT coalesce(s.id, c.id) AS id, coalesce(s.traits, c.traits) AS traits, "
+            "coalesce(s.timezone, c.timezone) AS timezone FROM customers c "
+            "LEFT JOIN customers s ON s.id = c.merged_into WHERE c.id = $1",
+            customer_id,
         )
         if row is None:
             raise ApplicationError(f"customer {customer_id!r} not found", type="InvalidRequest")
-        stats = await profile_stats(self.pool, customer_id)
-        traits = dict(row["traits"])
+        figures = await profile_stats(self.pool, row["id"]) if stats else {}
         return ProfileSnapshot(
-            customer_id=customer_id, traits=traits, stats={**stats, "timezone": row["timezone"]}
+            customer_id=row["id"],
+            traits=dict(row["traits"]),
+            stats={**figures, "timezone": row["timezone"]},
         )
 
     @activity.defn(name="load_profile")
     async def load_profile(self, customer_id: str) -> ProfileSnapshot:
-        return await self._profile(customer_id)
+        return await self._profile(customer_id, stats=True)
 
     @activity.defn(name="send_message")
     async def send_message(self, req: SendRequest) -> SendResult:
@@ -45,16 +50,10 @@ class JourneyActivities:
             step=req.step_id,
             key=req.idempotency_key,
         )
-        existing = await self.pool.fetchrow(
-            "SELECT id, status FROM messages WHERE idempotency_key = $1", req.idempotency_key
-        )
-        if existing is not None and existing["status"] != "pending":
-            bound.info("send.duplicate", status=existing["status"])
-            return SendResult(message_id=existing["id"], status=existing["status"], duplicate=True)
         channel = CHANNELS.get(req.channel)
         if channel is None:
             raise ApplicationError(f"unknown channel {req.channel!r}", type="InvalidRequest")
-        profile = await self._profile(req.customer_id)
+        profile = await self._profile(req.customer_id, stats=False)
         ctx = {
             "profile": profile.traits,
             "customer": profile.as_context(),
@@ -87,6 +86,7 @@ class JourneyActivities:
         )
         assert row is not None
         if row["status"] != "pending":
+            bound.info("send.duplicate", status=row["status"])
             return SendResult(message_id=row["id"], status=row["status"], duplicate=True)
         delivery = await channel.deliver(
             RenderedMessage(req.idempotency_key, req.customer_id, req.channel, subject, body)
