@@ -3,21 +3,37 @@
 from __future__ import annotations
 
 import asyncpg
+import httpx
 import structlog
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities import waits, webhooks
 from activities.channels import CHANNELS, RenderedMessage
 from activities.rendering import TemplateError, render
-from models.runtime import ProfileSnapshot, RunFinished, SendRequest, SendResult
+from activities.scoring import MODELS
+from models.runtime import (
+    ProfileSnapshot,
+    ProfileUpdate,
+    RunFinished,
+    ScoreRequest,
+    ScoreResult,
+    SendRequest,
+    SendResult,
+    WaitRequest,
+    WaitResolution,
+    WebhookRequest,
+    WebhookResult,
+)
 from store.profiles import profile_stats
 
 log = structlog.stdlib.get_logger("activities")
 
 
 class JourneyActivities:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, http: httpx.AsyncClient | None = None) -> None:
         self.pool = pool
+        self.http = http or httpx.AsyncClient()
 
     async def _profile(self, customer_id: str, *, stats: bool) -> ProfileSnapshot:
         # A merged-away customer reads as the survivor it was merged into.
@@ -102,12 +118,92 @@ class JourneyActivities:
     @activity.defn(name="record_run_finished")
     async def record_run_finished(self, done: RunFinished) -> None:
         await self.pool.execute(
-            "UPDATE journey_runs SET status = $2, exit_reason = $3, ended_at = now() "
-            "WHERE enrollment_id = $1",
+            "UPDATE journey_runs SET status = $2, exit_reason = $3, ended_at = now(), "
+            "goal_at = $4, arm = $5, holdout = $6 WHERE enrollment_id = $1",
             done.enrollment_id,
             done.status,
             done.exit_reason,
+            done.goal_at,
+            done.arm,
+            done.holdout,
         )
 
+    @activity.defn(name="update_profile")
+    async def update_profile(self, upd: ProfileUpdate) -> None:
+        """Applied once per idempotency key, so a retried increment does not count twice."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            first = await conn.fetchval(
+                "INSERT INTO applied_effects (idempotency_key) VALUES ($1) "
+                "ON CONFLICT DO NOTHING RETURNING true",
+                upd.idempotency_key,
+            )
+            if not first:
+                return
+            row = await conn.fetchrow(
+                "SELECT traits FROM customers WHERE id = $1 FOR UPDATE", upd.customer_id
+            )
+            if row is None:
+                raise ApplicationError(
+                    f"customer {upd.customer_id!r} not found", type="InvalidRequest"
+                )
+            traits = dict(row["traits"])
+            traits.update(upd.set)
+            for key, by in upd.increment.items():
+                current = traits.get(key)
+                base = (
+                    current
+                    if isinstance(current, int | float) and not isinstance(current, bool)
+                    else 0
+                )
+                total = base + by
+                traits[key] = int(total) if float(total).is_integer() else total
+            for key in upd.unset:
+                traits.pop(key, None)
+            if upd.add_tags or upd.remove_tags:
+                tags = [t for t in traits.get("tags") or [] if isinstance(t, str)]
+                tags += [t for t in upd.add_tags if t not in tags]
+                traits["tags"] = [t for t in tags if t not in upd.remove_tags]
+            await conn.execute(
+                "UPDATE customers SET traits = $2, updated_at = now() WHERE id = $1",
+                upd.customer_id,
+                traits,
+            )
+
+    @activity.defn(name="score")
+    async def score(self, req: ScoreRequest) -> ScoreResult:
+        model = MODELS.get(req.model)
+        if model is None:
+            raise ApplicationError(f"unknown model {req.model!r}", type="InvalidRequest")
+        return await model.score(self.pool, req.customer_id)
+
+    @activity.defn(name="call_webhook")
+    async def call_webhook(self, req: WebhookRequest) -> WebhookResult:
+        profile = await self._profile(req.customer_id, stats=False)
+        ctx = {
+            "profile": profile.traits,
+            "customer": profile.as_context(),
+            "event": req.entry or {},
+            "journey": {"id": req.journey_id},
+        }
+        return await webhooks.call(self.http, req, ctx)
+
+    @activity.defn(name="resolve_wait")
+    async def resolve_wait(self, req: WaitRequest) -> WaitResolution:
+        profile = await self._profile(req.customer_id, stats=False)
+        if req.at is not None:
+            zone = profile.stats.get("timezone") or profile.traits.get("timezone")
+            deadline = waits.next_local_time(req.now, req.at, zone, req.weekdays)
+            return WaitResolution(deadline=deadline, note=f"timezone {zone or 'UTC'}")
+        assert req.until is not None
+        return waits.date_from(req.until, req.offset, req.entry, profile.traits)
+
     def all(self) -> list[object]:
-        return [self.load_profile, self.send_message, self.record_run_finished]
+        return [
+            self.load_profile,
+            self.send_message,
+            self.record_run_finished,
+            self.update_profile,
+            self.score,
+            self.call_webhook,
+            self.resolve_wait,
+        ]

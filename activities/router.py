@@ -233,6 +233,7 @@ class EventRouter:
         for e in events:
             by_customer[e.customer_id].append(journey_event(e))
         active: dict[tuple[str, str], list[tuple[str, str]]] = defaultdict(list)
+        starting: dict[tuple[str, str], list[str]] = defaultdict(list)
         last: dict[tuple[str, str], datetime] = {}
         for r in await conn.fetch(
             "SELECT customer_id, journey_id, workflow_id, enrollment_id, status, started_at "
@@ -240,8 +241,12 @@ class EventRouter:
             list(by_customer),
         ):
             key = (r["customer_id"], r["journey_id"])
-            if r["status"] in ("starting", "running"):
+            if r["status"] == "running":
                 active[key].append((r["workflow_id"], r["enrollment_id"]))
+            elif r["status"] == "starting":
+                # Written, but the router stopped before recording the start: start again
+                # (signal-with-start joins the run if it did start).
+                starting[key].append(r["enrollment_id"])
             if key not in last or r["started_at"] > last[key]:
                 last[key] = r["started_at"]
         for journey in self._journeys:
@@ -250,8 +255,10 @@ class EventRouter:
                 relevant = [e for e in jevs if _hits(keys, e)]
                 if not relevant:
                     continue
-                runs = active.get((cid, journey.id))
-                if runs:
+                for enrollment in starting.get((cid, journey.id), []):
+                    plan.starts.append(_Start(journey, cid, enrollment, relevant))
+                runs = active.get((cid, journey.id)) or []
+                if runs or (cid, journey.id) in starting:
                     plan.signals.extend(
                         _Signal(wid, enrollment, journey, cid, relevant) for wid, enrollment in runs
                     )

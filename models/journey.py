@@ -53,10 +53,36 @@ class _Step(_Strict):
     name: str | None = None
 
 
+Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+WEEKDAYS: tuple[str, ...] = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
 class WaitStep(_Step):
+    """Wait a `duration`; or until a local time of day (`at`, optionally on `weekdays`) in the
+    customer's timezone; or until the date at `until` (a path such as
+    `entry.properties.start_time` or `profile.traits.renewal_date`) shifted by `offset`.
+    A moment already past continues at once."""
+
     kind: Literal["wait"]
-    duration: Duration
+    duration: Duration | None = None
+    at: str | None = Field(default=None, pattern=r"^([01]\d|2[0-3]):[0-5]\d$")
+    weekdays: list[Weekday] | None = None
+    until: str | None = Field(default=None, description="path to an ISO-8601 date")
+    offset: str | None = Field(default=None, pattern=r"^[+-]?(\d+[smhdw])+$")
     next: str | None = None
+
+    @model_validator(mode="after")
+    def _one_form(self) -> WaitStep:
+        forms = [self.duration is not None, self.at is not None, self.until is not None]
+        if sum(forms) != 1:
+            raise ValueError("give exactly one of duration, at, until")
+        if self.weekdays is not None and self.at is None:
+            raise ValueError("weekdays goes with at")
+        if self.offset is not None and self.until is None:
+            raise ValueError("offset goes with until")
+        if self.until is not None and self.until.split(".", 1)[0] not in ("entry", "profile"):
+            raise ValueError("until must start with entry. or profile.")
+        return self
 
 
 class WaitForOutcome(EventMatch):
@@ -95,9 +121,114 @@ class ExitStep(_Step):
     reason: str = "exit"
 
 
+class SplitArm(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_\-]+$")
+    weight: int = Field(gt=0)
+    next: str | None = None
+
+
+class SplitStep(_Step):
+    """A/B/n: a customer's arm is a hash of (journey, customer, step), so it is stable."""
+
+    kind: Literal["split"]
+    arms: list[SplitArm] = Field(min_length=2)
+
+    @model_validator(mode="after")
+    def _unique(self) -> SplitStep:
+        if len({a.name for a in self.arms}) != len(self.arms):
+            raise ValueError("arm names must be unique")
+        return self
+
+
+class HoldoutStep(_Step):
+    """`percent` of customers become the control: they go on through the journey (same waits,
+    same goal tracking) but every later `send` is skipped and recorded as `holdout`."""
+
+    kind: Literal["holdout"]
+    percent: float = Field(gt=0, lt=100)
+    next: str | None = None
+
+
+class UpdateProfileStep(_Step):
+    kind: Literal["update_profile"]
+    set: dict[str, Any] = Field(default_factory=dict)
+    increment: dict[str, float] = Field(default_factory=dict)
+    unset: list[str] = Field(default_factory=list)
+    add_tags: list[str] = Field(default_factory=list)
+    remove_tags: list[str] = Field(default_factory=list)
+    next: str | None = None
+
+    @model_validator(mode="after")
+    def _something(self) -> UpdateProfileStep:
+        if not (self.set or self.increment or self.unset or self.add_tags or self.remove_tags):
+            raise ValueError("update_profile needs set, increment, unset, add_tags or remove_tags")
+        return self
+
+
+class GotoStep(_Step):
+    """Jump back (or forward) to `target` at most `max_iterations` times, then go on."""
+
+    kind: Literal["goto"]
+    target: str
+    max_iterations: int = Field(ge=1, le=1000)
+    next: str | None = None
+
+
+SCORE_MODELS = ("rfm",)
+
+
+class ScoreStep(_Step):
+    """Call a named model; its result is `results.<step id>` for later conditions."""
+
+    kind: Literal["score"]
+    model: str
+    next: str | None = None
+
+    @model_validator(mode="after")
+    def _known(self) -> ScoreStep:
+        if self.model not in SCORE_MODELS:
+            raise ValueError(f"unknown model {self.model!r}; known: {', '.join(SCORE_MODELS)}")
+        return self
+
+
+class WebhookStep(_Step):
+    """POST (or PUT/PATCH/GET) a templated JSON payload; the response is
+    `results.<step id>` (`status`, `ok`, `body`). 5xx and timeouts are retried with backoff;
+    a 4xx goes to `on_error` (default: the next step), never retried."""
+
+    kind: Literal["webhook"]
+    url: str = Field(pattern=r"^https?://")
+    method: Literal["POST", "PUT", "PATCH", "GET"] = "POST"
+    headers: dict[str, str] = Field(default_factory=dict)
+    payload: dict[str, Any] = Field(default_factory=dict, description="string values are templates")
+    timeout_seconds: float = Field(default=10, gt=0, le=60)
+    next: str | None = None
+    on_error: str | None = None
+
+
 Step = Annotated[
-    WaitStep | WaitForStep | BranchStep | SendStep | ExitStep, Field(discriminator="kind")
+    WaitStep
+    | WaitForStep
+    | BranchStep
+    | SendStep
+    | ExitStep
+    | SplitStep
+    | HoldoutStep
+    | UpdateProfileStep
+    | GotoStep
+    | ScoreStep
+    | WebhookStep,
+    Field(discriminator="kind"),
 ]
+STEP_KINDS = ("wait", "wait_for", "branch", "send", "exit", "split", "holdout",
+              "update_profile", "goto", "score", "webhook")  # fmt: skip
+
+
+class Goal(EventMatch):
+    """A conversion: recorded on the run when it happens within `within` of entry."""
+
+    within: Duration = "7d"
+    exit: bool = Field(default=True, description="end the run once the goal is reached")
 
 
 class ReEntry(_Strict):
@@ -122,6 +253,7 @@ class JourneyDefinition(_Strict):
     entry: EventMatch
     exit_on: list[EventMatch] = Field(default_factory=list)
     re_entry: ReEntry = Field(default_factory=ReEntry)
+    goal: Goal | None = None
     steps: list[Step] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -154,6 +286,8 @@ class JourneyDefinition(_Strict):
     def interesting(self) -> list[EventMatch]:
         """Every event match a running journey reacts to (besides its entry)."""
         out: list[EventMatch] = list(self.exit_on)
+        if self.goal is not None:
+            out.append(self.goal)
         for s in self.steps:
             if isinstance(s, WaitForStep):
                 out.extend(s.events)
@@ -169,4 +303,10 @@ def _targets(step: Step) -> list[tuple[str, str | None]]:
         return [("else", step.else_)] + [
             (f"cases[{i}].next", c.next) for i, c in enumerate(step.cases)
         ]
+    if isinstance(step, SplitStep):
+        return [(f"arms[{i}].next", a.next) for i, a in enumerate(step.arms)]
+    if isinstance(step, GotoStep):
+        return [("target", step.target), ("next", step.next)]
+    if isinstance(step, WebhookStep):
+        return [("next", step.next), ("on_error", step.on_error)]
     return [("next", getattr(step, "next", None))]

@@ -60,6 +60,11 @@ class JourneyState(BaseModel):
     results: dict[str, Any] = Field(default_factory=dict)
     history: list[StepRecord] = Field(default_factory=list)
     continued: int = 0
+    effect_seq: int = 0
+    loops: dict[str, int] = Field(default_factory=dict)
+    holdout: bool = False
+    arm: str | None = None
+    goal_at: datetime | None = None
 
 
 class JourneyRunInput(BaseModel):
@@ -127,3 +132,64 @@ class RunFinished(BaseModel):
     journey_id: str
     status: RunStatus
     exit_reason: str | None
+    goal_at: datetime | None = None
+    arm: str | None = None
+    holdout: bool = False
+
+
+class ProfileUpdate(BaseModel):
+    idempotency_key: str
+    customer_id: str
+    set: dict[str, Any] = Field(default_factory=dict)
+    increment: dict[str, float] = Field(default_factory=dict)
+    unset: list[str] = Field(default_factory=list)
+    add_tags: list[str] = Field(default_factory=list)
+    remove_tags: list[str] = Field(default_factory=list)
+
+
+class ScoreRequest(BaseModel):
+    model: str
+    customer_id: str
+
+
+class ScoreResult(BaseModel):
+    model: str
+    score: float
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class WebhookRequest(BaseModel):
+    idempotency_key: str
+    customer_id: str
+    journey_id: str
+    step_id: str
+    url: str
+    method: str
+    headers: dict[str, str]
+    payload: dict[str, Any]
+    timeout_seconds: float
+    entry: dict[str, Any] | None = None
+
+
+class WebhookResult(BaseModel):
+    status: int
+    ok: bool
+    body: Any = None
+
+
+class WaitRequest(BaseModel):
+    """A wait until a local time of day or a date; resolved in an activity because it needs
+    the customer's timezone / traits and the tz database (not deterministic across releases)."""
+
+    customer_id: str
+    now: datetime
+    at: str | None = None
+    weekdays: list[str] | None = None
+    until: str | None = None
+    offset: str | None = None
+    entry: dict[str, Any] | None = None
+
+
+class WaitResolution(BaseModel):
+    deadline: datetime | None
+    note: str | None = None

@@ -141,3 +141,14 @@ class JourneyRun(SQLModel, table=True):
     exit_reason: str | None = None
     started_at: datetime | None = _ts()
     ended_at: datetime | None = _ts(nullable=True, default=False)
+    goal_at: datetime | None = _ts(nullable=True, default=False)
+    arm: str | None = Field(default=None, max_length=64)
+    holdout: bool = Field(default=False, sa_column_kwargs={"server_default": sa.false()})
+
+
+class AppliedEffect(SQLModel, table=True):
+    """Idempotency keys of effects already applied (profile updates), so retries apply once."""
+
+    __tablename__ = "applied_effects"
+    idempotency_key: str = Field(primary_key=True, max_length=512)
+    created_at: datetime | None = _ts()

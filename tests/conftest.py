@@ -28,7 +28,10 @@ from core.temporal import SEARCH_ATTRIBUTES, register_search_attributes
 from store.db import create_pool, migrate_sync
 
 T = TypeVar("T")
-TABLES = "events, identities, customers, messages, journey_runs, journey_versions, journeys"
+TABLES = (
+    "events, identities, customers, messages, journey_runs, journey_versions, journeys, "
+    "applied_effects"
+)
 
 configure_logging("console", os.environ.get("TEST_LOG_LEVEL", "WARNING"))
 

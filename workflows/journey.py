@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
 from typing import Any
 
 from temporalio import workflow
@@ -15,6 +14,7 @@ with workflow.unsafe.imports_passed_through():
         JOURNEY_STEP,
         JOURNEY_VERSION,
     )
+    from models.durations import parse_duration
     from models.journey import JourneyDefinition
     from models.runtime import (
         JourneyEvent,
@@ -25,7 +25,14 @@ with workflow.unsafe.imports_passed_through():
         RunSummary,
         StepRecord,
     )
-    from workflows.steps import ACTIVITY_RETRY, END, HANDLERS, STAY, deadline_for
+    from workflows.steps import (
+        ACTIVITY_RETRY,
+        DB_ACTIVITY_TIMEOUT,
+        END,
+        HANDLERS,
+        STAY,
+        deadline_for,
+    )
 
 SEEN_LIMIT = 1000
 INBOX_LIMIT = 100
@@ -80,7 +87,7 @@ class JourneyWorkflow:
         if inp.state is None:
             self._take_entry()
             self._enter(self.journey.steps[0].id)
-        self._publish_position()
+        self.publish_position()
         while True:
             # Drain first: signals delivered with the start are already queued here.
             self._drain()
@@ -110,7 +117,7 @@ class JourneyWorkflow:
         self._close_step()
         st.step_id = None  # the history keeps where the run ended
         st.step_deadline = None
-        self._publish_position()
+        self.publish_position()
         await workflow.execute_activity(
             "record_run_finished",
             RunFinished(
@@ -120,8 +127,11 @@ class JourneyWorkflow:
                 journey_id=self.journey.id,
                 status=st.status,
                 exit_reason=st.exit_reason,
+                goal_at=st.goal_at,
+                arm=st.arm,
+                holdout=st.holdout,
             ),
-            start_to_close_timeout=timedelta(seconds=30),
+            start_to_close_timeout=DB_ACTIVITY_TIMEOUT,
             retry_policy=ACTIVITY_RETRY,
             summary="record run finished",
         )
@@ -173,6 +183,19 @@ class JourneyWorkflow:
             if st.status != "running":
                 continue
             ctx = event.as_context()
+            goal = self.journey.goal
+            if (
+                goal is not None
+                and st.goal_at is None
+                and workflow.now() - st.entered_at <= parse_duration(goal.within)
+                and goal.matches(ctx, self.context())
+            ):
+                st.goal_at = workflow.now()
+                st.results["goal"] = {"at": st.goal_at.isoformat(), "event": ctx}
+                self._log("journey.goal", event=event.event, message_id=event.message_id)
+                if goal.exit:
+                    self.exit("goal")
+                    continue
             rule = next((m for m in self.journey.exit_on if m.matches(ctx, self.context())), None)
             if rule is not None:
                 self.exit(f"exit_on:{rule.event or rule.type}")
@@ -203,10 +226,10 @@ class JourneyWorkflow:
         if delay is not None:
             st.step_deadline = workflow.now() + delay
         st.history.append(StepRecord(step_id=step_id, kind=step.kind, entered_at=workflow.now()))
-        self._publish_position()
+        self.publish_position()
         self._log("journey.step", step=step_id, kind=step.kind)
 
-    def _publish_position(self) -> None:
+    def publish_position(self) -> None:
         st = self.state
         step = st.step_id or ("(finished)" if st.status != "running" else "(start)")
         workflow.upsert_search_attributes(

@@ -6,6 +6,7 @@ run) or continues-as-new, then calls the handler again; waits keep their deadlin
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -18,14 +19,42 @@ with workflow.unsafe.imports_passed_through():
     from models.conditions import evaluate
     from models.durations import parse_duration
     from models.journey import END as END_TARGET
-    from models.journey import BranchStep, ExitStep, SendStep, Step, WaitForStep, WaitStep
-    from models.runtime import ProfileSnapshot, SendRequest, SendResult
+    from models.journey import (
+        BranchStep,
+        ExitStep,
+        GotoStep,
+        HoldoutStep,
+        ScoreStep,
+        SendStep,
+        SplitStep,
+        Step,
+        UpdateProfileStep,
+        WaitForStep,
+        WaitStep,
+        WebhookStep,
+    )
+    from models.runtime import (
+        ProfileSnapshot,
+        ProfileUpdate,
+        ScoreRequest,
+        ScoreResult,
+        SendRequest,
+        SendResult,
+        WaitRequest,
+        WaitResolution,
+        WebhookRequest,
+        WebhookResult,
+    )
 
 if TYPE_CHECKING:
     from workflows.journey import JourneyWorkflow
 
 END = "__end__"
 STAY = "__stay__"
+
+# Database-only activities take milliseconds; a short limit means a task held by a crashed
+# worker is retried within seconds.
+DB_ACTIVITY_TIMEOUT = timedelta(seconds=10)
 
 ACTIVITY_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1),
@@ -63,7 +92,35 @@ def _after(run: JourneyWorkflow, step: Step, target: str | None) -> str:
 
 
 async def wait(run: JourneyWorkflow, step: WaitStep) -> str:
-    if await _wait_until_deadline(run, lambda: bool(run.state.pending), f"wait {step.duration}"):
+    if run.state.step_deadline is None:
+        # `at` / `until`: the moment depends on the customer's timezone or a date value.
+        resolved = await workflow.execute_activity(
+            "resolve_wait",
+            WaitRequest(
+                customer_id=run.customer_id,
+                now=workflow.now(),
+                at=step.at,
+                weekdays=list(step.weekdays) if step.weekdays else None,
+                until=step.until,
+                offset=step.offset,
+                entry=run.state.entry.as_context() if run.state.entry else None,
+            ),
+            result_type=WaitResolution,
+            start_to_close_timeout=DB_ACTIVITY_TIMEOUT,
+            retry_policy=ACTIVITY_RETRY,
+            summary="resolve wait",
+        )
+        run.state.results[step.id] = {
+            "until": resolved.deadline.isoformat() if resolved.deadline else None,
+            "note": resolved.note,
+        }
+        if resolved.deadline is None or resolved.deadline <= workflow.now():
+            run.outcome = "past" if resolved.deadline else (resolved.note or "no date")
+            return _after(run, step, step.next)
+        run.state.step_deadline = resolved.deadline
+        run.publish_position()
+    label = f"wait {step.duration or step.at or step.until}"
+    if await _wait_until_deadline(run, lambda: bool(run.state.pending), label):
         return _after(run, step, step.next)
     return STAY
 
@@ -92,7 +149,7 @@ async def branch(run: JourneyWorkflow, step: BranchStep) -> str:
         "load_profile",
         run.customer_id,
         result_type=ProfileSnapshot,
-        start_to_close_timeout=timedelta(seconds=30),
+        start_to_close_timeout=DB_ACTIVITY_TIMEOUT,
         retry_policy=ACTIVITY_RETRY,
         summary="profile for branch",
     )
@@ -106,6 +163,10 @@ async def branch(run: JourneyWorkflow, step: BranchStep) -> str:
 
 
 async def send(run: JourneyWorkflow, step: SendStep) -> str:
+    if run.state.holdout:
+        run.state.results[step.id] = {"status": "holdout"}
+        run.outcome = "holdout"
+        return _after(run, step, step.next)
     # The counter lives in the state, so the key survives retries, crashes and continue-as-new.
     run.state.send_seq += 1
     info = workflow.info()
@@ -126,7 +187,7 @@ async def send(run: JourneyWorkflow, step: SendStep) -> str:
             "send_message",
             request,
             result_type=SendResult,
-            start_to_close_timeout=timedelta(seconds=30),
+            start_to_close_timeout=DB_ACTIVITY_TIMEOUT,
             retry_policy=ACTIVITY_RETRY,
             summary=f"send {step.channel}",
         )
@@ -145,18 +206,141 @@ async def exit_(run: JourneyWorkflow, step: ExitStep) -> str:
     return END
 
 
+def _bucket(run: JourneyWorkflow, step: Step, salt: str, size: int) -> int:
+    """A stable number in [0, size) per (journey, customer, step): same customer, same arm."""
+    key = f"{run.journey.id}:{run.customer_id}:{step.id}:{salt}".encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") % size
+
+
+async def split(run: JourneyWorkflow, step: SplitStep) -> str:
+    point = _bucket(run, step, "split", sum(a.weight for a in step.arms))
+    for arm in step.arms:
+        if point < arm.weight:
+            break
+        point -= arm.weight
+    run.state.results[step.id] = {"arm": arm.name}
+    run.state.arm = arm.name
+    run.outcome = arm.name
+    return _after(run, step, arm.next)
+
+
+async def holdout(run: JourneyWorkflow, step: HoldoutStep) -> str:
+    held = _bucket(run, step, "holdout", 10_000) < round(step.percent * 100)
+    run.state.holdout = run.state.holdout or held
+    run.state.results[step.id] = {"holdout": held}
+    run.outcome = "holdout" if held else "treatment"
+    return _after(run, step, step.next)
+
+
+async def goto(run: JourneyWorkflow, step: GotoStep) -> str:
+    done = run.state.loops.get(step.id, 0)
+    if done < step.max_iterations:
+        run.state.loops[step.id] = done + 1
+        run.outcome = f"iteration {done + 1}"
+        return _after(run, step, step.target)
+    run.outcome = "bound reached"
+    return _after(run, step, step.next)
+
+
+def _effect_key(run: JourneyWorkflow, kind: str) -> str:
+    run.state.effect_seq += 1
+    return f"{run.state.enrollment_id}:{kind}:{run.state.effect_seq}"
+
+
+async def update_profile(run: JourneyWorkflow, step: UpdateProfileStep) -> str:
+    await workflow.execute_activity(
+        "update_profile",
+        ProfileUpdate(
+            idempotency_key=_effect_key(run, "profile"),
+            customer_id=run.customer_id,
+            set=step.set,
+            increment=step.increment,
+            unset=step.unset,
+            add_tags=step.add_tags,
+            remove_tags=step.remove_tags,
+        ),
+        start_to_close_timeout=DB_ACTIVITY_TIMEOUT,
+        retry_policy=ACTIVITY_RETRY,
+        summary="update profile",
+    )
+    return _after(run, step, step.next)
+
+
+async def score(run: JourneyWorkflow, step: ScoreStep) -> str:
+    result = await workflow.execute_activity(
+        "score",
+        ScoreRequest(model=step.model, customer_id=run.customer_id),
+        result_type=ScoreResult,
+        start_to_close_timeout=timedelta(seconds=60),
+        retry_policy=ACTIVITY_RETRY,
+        summary=f"score {step.model}",
+    )
+    run.state.results[step.id] = {"model": result.model, "score": result.score, **result.details}
+    run.outcome = f"{result.score:g}"
+    return _after(run, step, step.next)
+
+
+WEBHOOK_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(minutes=1),
+    maximum_attempts=8,
+    non_retryable_error_types=["TemplateError", "InvalidRequest"],
+)
+
+
+async def webhook(run: JourneyWorkflow, step: WebhookStep) -> str:
+    request = WebhookRequest(
+        idempotency_key=_effect_key(run, "webhook"),
+        customer_id=run.customer_id,
+        journey_id=run.journey.id,
+        step_id=step.id,
+        url=step.url,
+        method=step.method,
+        headers=step.headers,
+        payload=step.payload,
+        timeout_seconds=step.timeout_seconds,
+        entry=run.state.entry.as_context() if run.state.entry else None,
+    )
+    try:
+        result = await workflow.execute_activity(
+            "call_webhook",
+            request,
+            result_type=WebhookResult,
+            start_to_close_timeout=timedelta(seconds=step.timeout_seconds + 5),
+            retry_policy=WEBHOOK_RETRY,
+            summary=f"{step.method} {step.url}",
+        )
+    except ActivityError as err:
+        # Retries exhausted (provider down) or a template error: take the error branch.
+        run.state.results[step.id] = {"ok": False, "status": None, "error": str(err.cause or err)}
+        run.outcome = "failed"
+        return _after(run, step, step.on_error or step.next)
+    run.state.results[step.id] = result.model_dump()
+    run.outcome = str(result.status)
+    if not result.ok:
+        return _after(run, step, step.on_error or step.next)
+    return _after(run, step, step.next)
+
+
 HANDLERS: dict[str, Callable[[Any, Any], Awaitable[str]]] = {
     "wait": wait,
     "wait_for": wait_for,
     "branch": branch,
     "send": send,
     "exit": exit_,
+    "split": split,
+    "holdout": holdout,
+    "goto": goto,
+    "update_profile": update_profile,
+    "score": score,
+    "webhook": webhook,
 }
 
 
 def deadline_for(step: Step) -> timedelta | None:
     if isinstance(step, WaitStep):
-        return parse_duration(step.duration)
+        return parse_duration(step.duration) if step.duration else None
     if isinstance(step, WaitForStep):
         return parse_duration(step.timeout)
     return None

@@ -1,0 +1,55 @@
+"""Outgoing webhook calls for the `webhook` step (not the webhook channel, which signs)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+from temporalio.exceptions import ApplicationError
+
+from activities.rendering import TemplateError, render
+from models.runtime import WebhookRequest, WebhookResult
+
+MAX_BODY = 64 * 1024
+
+
+def render_payload(value: Any, ctx: dict[str, Any]) -> Any:
+    if isinstance(value, str):
+        return render(value, ctx)
+    if isinstance(value, dict):
+        return {k: render_payload(v, ctx) for k, v in value.items()}
+    if isinstance(value, list):
+        return [render_payload(v, ctx) for v in value]
+    return value
+
+
+async def call(
+    client: httpx.AsyncClient, req: WebhookRequest, ctx: dict[str, Any]
+) -> WebhookResult:
+    try:
+        payload = render_payload(req.payload, ctx)
+    except TemplateError as err:
+        raise ApplicationError(
+            f"step {req.step_id!r}: template error: {err}", type="TemplateError"
+        ) from err
+    headers = {"Idempotency-Key": req.idempotency_key, **req.headers}
+    try:
+        resp = await client.request(
+            req.method,
+            req.url,
+            json=payload if req.method != "GET" else None,
+            headers=headers,
+            timeout=req.timeout_seconds,
+        )
+    except httpx.HTTPError as err:
+        raise ApplicationError(f"webhook {req.url}: {err!r}", type="WebhookUnavailable") from err
+    if resp.status_code >= 500 or resp.status_code == 429:
+        # Retried by Temporal with backoff; the same Idempotency-Key goes with every attempt.
+        raise ApplicationError(f"webhook {req.url} answered {resp.status_code}", type="Webhook5xx")
+    body: Any = resp.text[:MAX_BODY]
+    if "json" in resp.headers.get("content-type", ""):
+        try:
+            body = resp.json()
+        except ValueError:
+            pass
+    return WebhookResult(status=resp.status_code, ok=resp.status_code < 400, body=body)
