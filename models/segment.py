@@ -16,6 +16,7 @@ EVENT_TYPES = ("track", "identify", "page", "screen", "group", "alias")
 MAX_EVENT_BYTES = 32 * 1024
 MAX_BATCH_BYTES = 500 * 1024
 MAX_BATCH_EVENTS = 2500
+MAX_ID_CHARS = 512  # messageId, userId, anonymousId, previousId, event name
 
 
 class InvalidEvent(ValueError):
@@ -43,7 +44,10 @@ def _id(raw: dict[str, Any], key: str, where: str) -> str | None:
         return None
     if isinstance(v, bool) or not isinstance(v, str | int):
         raise InvalidEvent(f"{where}{key}", "must be a string")
-    return str(v)
+    text = str(v)
+    if len(text) > MAX_ID_CHARS:
+        raise InvalidEvent(f"{where}{key}", f"is {len(text)} characters; limit is {MAX_ID_CHARS}")
+    return text
 
 
 def _time(raw: dict[str, Any], key: str, where: str) -> datetime | None:
@@ -59,15 +63,30 @@ def _time(raw: dict[str, Any], key: str, where: str) -> datetime | None:
     return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
 
 
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
+
+
 def parse_event(
     raw: Any, *, where: str = "", kind: str | None = None, now: datetime | None = None
 ) -> AcceptedEvent:
     """Validate one event; `kind` comes from the URL for single-event endpoints."""
     if not isinstance(raw, dict):
         raise InvalidEvent(where.rstrip(".") or "body", "must be a JSON object")
-    size = len(json.dumps(raw, separators=(",", ":"), default=str).encode())
+    dumped = json.dumps(raw, separators=(",", ":"), ensure_ascii=False, default=str)
+    size = len(dumped.encode())
     if size > MAX_EVENT_BYTES:
         raise InvalidEvent(where.rstrip(".") or "body", f"event is {size} bytes; limit is 32 KB")
+    if "\\u0000" in dumped and _has_nul(raw):
+        # Valid JSON, but PostgreSQL text and jsonb cannot hold NUL: name the field.
+        bad = next((k for k, v in raw.items() if _has_nul(k) or _has_nul(v)), "body")
+        raise InvalidEvent(f"{where}{bad}", "contains a NUL character (\\u0000)")
     typ = kind or raw.get("type")
     if typ not in EVENT_TYPES:
         raise InvalidEvent(f"{where}type", f"must be one of {', '.join(EVENT_TYPES)}")
@@ -85,6 +104,10 @@ def parse_event(
     if typ == "track":
         if not isinstance(name, str) or not name.strip():
             raise InvalidEvent(f"{where}event", "is required for track (a non-empty string)")
+        if len(name) > MAX_ID_CHARS:
+            raise InvalidEvent(
+                f"{where}event", f"is {len(name)} characters; limit is {MAX_ID_CHARS}"
+            )
     else:
         name = None
     for key in ("properties", "traits", "context", "integrations"):

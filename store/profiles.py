@@ -12,6 +12,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import asyncpg
 
@@ -112,10 +113,13 @@ async def resolve_and_apply(conn: asyncpg.Connection, events: list[StoredEvent])
             traits.setdefault(cid, {}).update(e.traits)
             for kind in ("email", "phone"):
                 value = e.traits.get(kind)
-                if isinstance(value, str) and value:
+                if isinstance(value, str) and 0 < len(value.strip()) <= 512:
                     attach((kind, value.strip().lower()), cid)
-        tz = (e.payload.get("context") or {}).get("timezone") or e.traits.get("timezone")
-        if isinstance(tz, str) and tz:
+        context = e.payload.get("context")
+        tz = (context.get("timezone") if isinstance(context, dict) else None) or e.traits.get(
+            "timezone"
+        )
+        if valid_timezone(tz):
             zones[cid] = tz
 
     # A merged-away customer may still be referenced by events earlier in the chunk.
@@ -154,6 +158,17 @@ async def resolve_and_apply(conn: asyncpg.Connection, events: list[StoredEvent])
     return res
 
 
+def valid_timezone(name: object) -> bool:
+    """An IANA zone we can compute with; anything else is ignored, never stored."""
+    if not isinstance(name, str) or not 0 < len(name) <= 64:
+        return False
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        return False
+    return True
+
+
 async def _merge(
     conn: asyncpg.Connection,
     *,
@@ -178,7 +193,10 @@ async def _merge(
         loser,
         survivor,
     )
-    await conn.execute("UPDATE customers SET merged_into = $2 WHERE id = $1", loser, survivor)
+    # Customers merged into the loser earlier now lead to the survivor too (one hop, always).
+    await conn.execute(
+        "UPDATE customers SET merged_into = $2 WHERE id = $1 OR merged_into = $1", loser, survivor
+    )
     for k, v in list(owner.items()):
         if v == loser:
             owner[k] = survivor

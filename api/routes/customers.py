@@ -60,8 +60,10 @@ async def get_events(
 ) -> EventPage:
     """Newest first; page with `before=<next_before>`."""
     cid = await _customer_id(pool, ref)
+    # Keyset on (timestamp, id): client timestamps arrive in any order.
     rows = await pool.fetch(
-        "SELECT * FROM events WHERE customer_id = $1 AND ($2::bigint IS NULL OR id < $2) "
+        "SELECT * FROM events WHERE customer_id = $1 AND ($2::bigint IS NULL OR "
+        "(timestamp, id) < (SELECT timestamp, id FROM events WHERE id = $2)) "
         "ORDER BY timestamp DESC, id DESC LIMIT $3",
         cid,
         before,

@@ -47,9 +47,13 @@ async def _read_json(request: Request, limit: int) -> Any:
     if len(raw) > limit:
         raise ApiError(400, "too_large", f"request body exceeds {limit // 1024} KB")
     try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        return json.loads(raw, parse_constant=_no_constant)
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as err:
         raise ApiError(400, "invalid_json", f"invalid JSON: {err}") from None
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
 
 
 async def _accept(pool: PoolDep, events: list[AcceptedEvent]) -> Accepted:
