@@ -13,7 +13,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+    model_validator,
+)
 
 Op = Literal[
     "eq", "ne", "gt", "gte", "lt", "lte", "in", "not_in", "contains", "starts_with",
@@ -34,6 +42,21 @@ class Compare(BaseModel):
         if v.split(".", 1)[0] not in ROOTS:
             raise ValueError(f"path {v!r} must start with one of {', '.join(ROOTS)}")
         return v
+
+    @model_validator(mode="after")
+    def _value_fits_op(self) -> Compare:
+        v = self.value
+        if self.op in ("gt", "gte", "lt", "lte") and (
+            isinstance(v, bool) or not isinstance(v, int | float | str)
+        ):
+            raise ValueError(f"{self.op} needs a number or string value, got {v!r}")
+        if self.op in ("in", "not_in") and not isinstance(v, list):
+            raise ValueError(f"{self.op} needs a list value, got {v!r}")
+        if self.op == "starts_with" and not isinstance(v, str):
+            raise ValueError(f"starts_with needs a string value, got {v!r}")
+        if self.op in ("exists", "not_exists") and v is not None:
+            raise ValueError(f"{self.op} takes no value")
+        return self
 
 
 class AllOf(BaseModel):

@@ -271,6 +271,11 @@ class JourneyDefinition(_Strict):
                     raise ValueError(f"step {step.id!r}: {field} goes to unknown step {target!r}")
         return self
 
+    def steps_order(self, ids: list[str]) -> list[str]:
+        """`ids` in definition order (for readable messages)."""
+        wanted = set(ids)
+        return [s.id for s in self.steps if s.id in wanted]
+
     def step(self, step_id: str) -> Step:
         for s in self.steps:
             if s.id == step_id:

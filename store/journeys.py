@@ -11,38 +11,50 @@ import asyncpg
 import yaml
 from pydantic import ValidationError
 
-from models.journey import JourneyDefinition
+from models.journey import STEP_KINDS, JourneyDefinition
+from models.validation import check
 
 
 class DefinitionError(ValueError):
     """A definition file that does not parse or validate; the message names file, step, field."""
 
 
+_TAGS = {"Compare", "AllOf", "AnyOf", "Not", *STEP_KINDS}
+
+
 def _where(defn: dict[str, Any], loc: tuple[Any, ...]) -> str:
-    parts: list[str] = []
-    node: Any = defn
-    for i, key in enumerate(loc):
-        if i == 1 and loc[0] == "steps" and isinstance(key, int):
-            steps = defn.get("steps") or []
-            sid = (
-                steps[key].get("id") if key < len(steps) and isinstance(steps[key], dict) else None
-            )
-            parts.append(f"step {sid!r}" if sid else f"steps[{key}]")
-            node = steps[key] if key < len(steps) else None
-            continue
-        if isinstance(node, dict) and key in ("wait", "wait_for", "branch", "send", "exit"):
-            continue  # discriminator tag in pydantic's location
-        parts.append(str(key))
-        node = node.get(key) if isinstance(node, dict) else None
-    return " ".join(parts[:1]) + (": " + ".".join(parts[1:]) if len(parts) > 1 else "")
+    """pydantic's error location, said the way a journey author reads it: step 'x': field."""
+    if len(loc) >= 2 and loc[0] == "steps" and isinstance(loc[1], int):
+        steps = defn.get("steps") or []
+        raw = steps[loc[1]] if loc[1] < len(steps) else None
+        sid = raw.get("id") if isinstance(raw, dict) else None
+        head = f"step {sid!r}" if sid else f"steps[{loc[1]}]"
+        rest = loc[2:]
+    else:
+        head, rest = "", loc
+    path = ".".join(str(k) for k in rest if k not in _TAGS)
+    return f"{head}: {path}" if head and path else head or path or "definition"
+
+
+def _message(err: dict[str, Any]) -> str:
+    value = err.get("input")
+    shown = f" (got {value!r})" if isinstance(value, str | int | float) else ""
+    return f"{err['msg']}{shown}"
 
 
 def parse_definition(data: dict[str, Any], source: str = "definition") -> JourneyDefinition:
+    """Schema validation plus the publish-time checks of `models.validation` (graph, results
+    references, templates). Workflows decode definitions without re-running the latter."""
     try:
-        return JourneyDefinition.model_validate(data)
+        defn = JourneyDefinition.model_validate(data)
     except ValidationError as err:
-        msgs = [f"{_where(data, tuple(e['loc']))}: {e['msg']}" for e in err.errors()]
+        msgs = [f"{_where(data, tuple(e['loc']))}: {_message(e)}" for e in err.errors()]
         raise DefinitionError(f"{source}: " + "; ".join(msgs)) from None
+    try:
+        check(defn)
+    except ValueError as err:
+        raise DefinitionError(f"{source}: {err}") from None
+    return defn
 
 
 def load_file(path: Path) -> JourneyDefinition:

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Body
 
 from api.deps import AdminDep, PoolDep
 from api.errors import ApiError
+from models.journey import JourneyDefinition
 from models.public import JourneyPublic
 from store.journeys import DefinitionError, parse_definition, publish
 
@@ -26,6 +27,12 @@ async def list_journeys(pool: PoolDep) -> list[JourneyPublic]:
     return [
         JourneyPublic.model_validate(dict(r)) for r in await pool.fetch(_LIST + " ORDER BY j.id")
     ]
+
+
+@router.get("/schema")
+async def definition_schema() -> dict[str, Any]:
+    """JSON Schema of a journey definition, for editors and linters."""
+    return JourneyDefinition.model_json_schema(by_alias=True)
 
 
 @router.get("/{journey_id}", response_model=JourneyPublic)
