@@ -19,44 +19,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 import structlog
 from temporalio.client import Client
-from temporalio.common import (
-    SearchAttributePair,
-    TypedSearchAttributes,
-    WorkflowIDConflictPolicy,
-    WorkflowIDReusePolicy,
-)
 from temporalio.service import RPCError, RPCStatusCode
 
-from core.temporal import CUSTOMER_ID, JOURNEY_ID, JOURNEY_STATUS, JOURNEY_STEP, JOURNEY_VERSION
-from models.durations import parse_duration
+from activities.enrollment import Start, enroll, load_history, mark_started, start_run
 from models.journey import EventMatch, JourneyDefinition
-from models.runtime import JourneyEvent, JourneyRunInput
+from models.runtime import JourneyEvent
 from store.events import NOTIFY_CHANNEL
 from store.journeys import active_definitions
 from store.profiles import StoredEvent, resolve_and_apply
-from workflows.journey import workflow_id_for
 
 log = structlog.stdlib.get_logger("router")
 
 LEADER_LOCK = 7_270_001
+SWEEP_SECONDS = 30.0
 _SELECT = """
 SELECT id, message_id, type, event, user_id, anonymous_id, previous_id, timestamp, payload
 FROM events WHERE routed_at IS NULL ORDER BY timestamp, id LIMIT $1
-"""
-_ENROLL = """
-INSERT INTO journey_runs (enrollment_id, workflow_id, journey_id, journey_version, customer_id,
-                          status)
-VALUES ($1, $2, $3, $4, $5, 'starting')
-ON CONFLICT (enrollment_id) DO UPDATE SET enrollment_id = EXCLUDED.enrollment_id
-RETURNING status
 """
 
 
@@ -86,15 +72,6 @@ def _hits(keys: set[tuple[str, str | None]], e: JourneyEvent) -> bool:
 
 
 @dataclass
-class _Start:
-    journey: JourneyDefinition
-    customer_id: str
-    enrollment_id: str
-    events: list[JourneyEvent]
-    run_id: str | None = None
-
-
-@dataclass
 class _Signal:
     workflow_id: str
     enrollment_id: str
@@ -106,7 +83,7 @@ class _Signal:
 @dataclass
 class _Plan:
     signals: list[_Signal] = field(default_factory=list)
-    starts: list[_Start] = field(default_factory=list)
+    starts: list[Start] = field(default_factory=list)
     reassign: list[tuple[str, str]] = field(default_factory=list)
 
 
@@ -158,10 +135,14 @@ class EventRouter:
             self._journeys_stale = True
             log.info("router.leader")
             backoff = 0.2
+            next_sweep = 0.0
             while not stop.is_set():
                 if conn.is_closed():
                     return  # lost the lock with the connection: become leader again
                 try:
+                    if time.monotonic() >= next_sweep:
+                        await self.recover_stale_starts()
+                        next_sweep = time.monotonic() + SWEEP_SECONDS
                     n = await self.route_once()
                     backoff = 0.2
                 except Exception:
@@ -195,6 +176,33 @@ class EventRouter:
         self._journeys_stale = True
         self._wake.set()
 
+    async def recover_stale_starts(self, older_than: float = SWEEP_SECONDS) -> int:
+        """Start enrollments left `starting` by a crash (router or enroll API) with no event
+        since to carry them; the row holds the entry event and the pinned version."""
+        rows = await self.pool.fetch(
+            "SELECT r.enrollment_id, r.workflow_id, r.customer_id, r.entry, v.definition "
+            "FROM journey_runs r JOIN journey_versions v "
+            "ON v.journey_id = r.journey_id AND v.version = r.journey_version "
+            "WHERE r.status = 'starting' AND r.entry IS NOT NULL "
+            "AND r.started_at < now() - make_interval(secs => $1)",
+            older_than,
+        )
+        starts = [
+            Start(
+                JourneyDefinition.model_validate(r["definition"]),
+                r["customer_id"],
+                r["enrollment_id"],
+                r["workflow_id"],
+                [JourneyEvent.model_validate(r["entry"])],
+            )
+            for r in rows
+        ]
+        if starts:
+            await asyncio.gather(*(self._start(s) for s in starts))
+            await mark_started(self.pool, starts)
+            log.info("router.recovered_starts", count=len(starts))
+        return len(starts)
+
     # -- one chunk -------------------------------------------------------------------
     async def route_once(self) -> int:
         if self._journeys_stale:
@@ -213,11 +221,7 @@ class EventRouter:
                 ]
             await self._execute(plan)
             async with conn.transaction():
-                await conn.executemany(
-                    "UPDATE journey_runs SET run_id = $2, status = 'running' "
-                    "WHERE enrollment_id = $1 AND status = 'starting'",
-                    [(s.enrollment_id, s.run_id) for s in plan.starts],
-                )
+                await mark_started(conn, plan.starts)
                 await conn.execute(
                     "UPDATE events SET routed_at = now() WHERE id = ANY($1::bigint[])",
                     [e.id for e in events],
@@ -232,67 +236,30 @@ class EventRouter:
         by_customer: dict[str, list[JourneyEvent]] = defaultdict(list)
         for e in events:
             by_customer[e.customer_id].append(journey_event(e))
-        active: dict[tuple[str, str], list[tuple[str, str]]] = defaultdict(list)
-        starting: dict[tuple[str, str], list[str]] = defaultdict(list)
-        last: dict[tuple[str, str], datetime] = {}
-        for r in await conn.fetch(
-            "SELECT customer_id, journey_id, workflow_id, enrollment_id, status, started_at "
-            "FROM journey_runs WHERE customer_id = ANY($1::text[])",
-            list(by_customer),
-        ):
-            key = (r["customer_id"], r["journey_id"])
-            if r["status"] == "running":
-                active[key].append((r["workflow_id"], r["enrollment_id"]))
-            elif r["status"] == "starting":
-                # Written, but the router stopped before recording the start: start again
-                # (signal-with-start joins the run if it did start).
-                starting[key].append(r["enrollment_id"])
-            if key not in last or r["started_at"] > last[key]:
-                last[key] = r["started_at"]
+        histories = await load_history(conn, list(by_customer))
         for journey in self._journeys:
             keys = _names([journey.entry]) | _names(journey.interesting())
             for cid, jevs in by_customer.items():
                 relevant = [e for e in jevs if _hits(keys, e)]
                 if not relevant:
                     continue
-                for enrollment in starting.get((cid, journey.id), []):
-                    plan.starts.append(_Start(journey, cid, enrollment, relevant))
-                runs = active.get((cid, journey.id)) or []
-                if runs or (cid, journey.id) in starting:
-                    plan.signals.extend(
-                        _Signal(wid, enrollment, journey, cid, relevant) for wid, enrollment in runs
-                    )
-                elif start := await self._enroll(
-                    conn, journey, cid, relevant, last.get((cid, journey.id))
-                ):
-                    plan.starts.append(start)
+                history = histories[(cid, journey.id)]
+                # Written, but the router stopped before recording the start: start again
+                # (signal-with-start joins the run if it did start).
+                plan.starts.extend(
+                    Start(journey, cid, r.enrollment_id, r.workflow_id, relevant)
+                    for r in history.starting
+                )
+                plan.signals.extend(
+                    _Signal(r.workflow_id, r.enrollment_id, journey, cid, relevant)
+                    for r in history.running
+                )
+                for i, event in enumerate(relevant):
+                    if journey.entry.matches(event.as_context()):
+                        start = await enroll(conn, journey, cid, event, relevant[i:], history)
+                        if isinstance(start, Start):
+                            plan.starts.append(start)
         return plan
-
-    async def _enroll(
-        self,
-        conn: asyncpg.Connection,
-        journey: JourneyDefinition,
-        cid: str,
-        jevs: list[JourneyEvent],
-        previous: datetime | None,
-    ) -> _Start | None:
-        """Decide on entry (trigger, re-entry rule) and write the enrollment before starting."""
-        first = next((i for i, e in enumerate(jevs) if journey.entry.matches(e.as_context())), None)
-        if first is None:
-            return None
-        rule = journey.re_entry
-        if previous is not None:
-            if rule.policy == "never":
-                return None
-            if rule.policy == "after" and rule.after is not None:
-                if datetime.now(UTC) - previous < parse_duration(rule.after):
-                    return None
-        wid = workflow_id_for(journey.id, cid)
-        enrollment = f"{wid}:{jevs[first].message_id}"
-        status = await conn.fetchval(_ENROLL, enrollment, wid, journey.id, journey.version, cid)
-        if status not in ("starting", "running"):
-            return None  # this very entry already ran to its end
-        return _Start(journey, cid, enrollment, jevs[first:])
 
     # -- Temporal calls ----------------------------------------------------------------
     async def _execute(self, plan: _Plan) -> None:
@@ -323,49 +290,18 @@ class EventRouter:
                 "WHERE enrollment_id = $1 AND status IN ('starting', 'running')",
                 sig.enrollment_id,
             )
-            start = await self._enroll(conn, sig.journey, sig.customer_id, sig.events, None)
-            if start is None:
-                return
-            await self._start(start)
-            await conn.execute(
-                "UPDATE journey_runs SET run_id = $2, status = 'running' "
-                "WHERE enrollment_id = $1 AND status = 'starting'",
-                start.enrollment_id,
-                start.run_id,
-            )
+            history = (await load_history(conn, [sig.customer_id]))[
+                (sig.customer_id, sig.journey.id)
+            ]
+            for i, event in enumerate(sig.events):
+                if sig.journey.entry.matches(event.as_context()):
+                    start = await enroll(
+                        conn, sig.journey, sig.customer_id, event, sig.events[i:], history
+                    )
+                    if isinstance(start, Start):
+                        await self._start(start)
+                        await mark_started(conn, [start])
 
-    async def _start(self, start: _Start) -> None:
-        journey, cid = start.journey, start.customer_id
-        wid = workflow_id_for(journey.id, cid)
+    async def _start(self, start: Start) -> None:
         async with self._sem:
-            handle = await self.client.start_workflow(
-                "JourneyWorkflow",
-                JourneyRunInput(
-                    journey=journey,
-                    customer_id=cid,
-                    enrollment_id=start.enrollment_id,
-                    history_limit=self.history_limit,
-                ),
-                id=wid,
-                task_queue=self.task_queue,
-                start_signal="events",
-                start_signal_args=[start.events],
-                id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
-                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-                search_attributes=TypedSearchAttributes(
-                    [
-                        SearchAttributePair(CUSTOMER_ID, cid),
-                        SearchAttributePair(JOURNEY_ID, journey.id),
-                        SearchAttributePair(JOURNEY_VERSION, journey.version),
-                        SearchAttributePair(JOURNEY_STEP, "(start)"),
-                        SearchAttributePair(JOURNEY_STATUS, "running"),
-                    ]
-                ),
-                memo={"journey": journey.name, "version": journey.version, "customer": cid},
-                static_summary=f"{journey.name} v{journey.version} for customer {cid}",
-            )
-        start.run_id = handle.result_run_id
-        log.info(
-            "router.entered", customer_id=cid, journey_id=journey.id, workflow_id=wid,
-            version=journey.version,
-        )  # fmt: skip
+            await start_run(self.client, self.task_queue, self.history_limit, start)

@@ -87,11 +87,19 @@ class WaitStep(_Step):
 
 class WaitForOutcome(EventMatch):
     next: str | None = Field(default=None, description="step to go to; default: the next step")
+    correlate: list[str] = Field(
+        default_factory=list,
+        description="property paths that must equal the entry event's, e.g. properties.cart_id",
+    )
 
 
 class WaitForStep(_Step):
+    """Wait for any of several events, or the timeout. `since: entry` also counts events that
+    arrived after the run entered but before this step started (no lost race)."""
+
     kind: Literal["wait_for"]
     events: list[WaitForOutcome] = Field(min_length=1)
+    since: Literal["step", "entry"] = "step"
     timeout: Duration
     on_timeout: str | None = Field(default=None, description="step on timeout; default: next")
 
@@ -254,6 +262,13 @@ class JourneyDefinition(_Strict):
     exit_on: list[EventMatch] = Field(default_factory=list)
     re_entry: ReEntry = Field(default_factory=ReEntry)
     goal: Goal | None = None
+    run_key: str | None = Field(
+        default=None,
+        pattern=r"^(properties|traits)\.",
+        description="allow one live run per value of this entry-event path "
+        "(e.g. properties.appointment_id) instead of one per customer",
+    )
+    max_entries: int | None = Field(default=None, ge=1, description="cap on entries per customer")
     steps: list[Step] = Field(min_length=1)
 
     @model_validator(mode="after")

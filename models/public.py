@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from models.runtime import StepRecord
 
@@ -90,3 +90,21 @@ class EventPage(BaseModel):
 class MessagePage(BaseModel):
     items: list[MessagePublic]
     next_before: int | None = None
+
+
+class EnrollRequest(BaseModel):
+    customer: str = Field(description="customer id, userId, anonymousId or email")
+    idempotency_key: str = Field(min_length=1, max_length=200)
+    context: dict[str, Any] = Field(
+        default_factory=dict, description="available to the journey as entry.properties"
+    )
+
+
+class EnrollmentPublic(BaseModel):
+    enrollment_id: str
+    workflow_id: str
+    customer_id: str
+    journey_id: str
+    version: int
+    status: str
+    created: bool

@@ -56,6 +56,9 @@ class JourneyState(BaseModel):
     send_seq: int = 0
     pending: list[JourneyEvent] = Field(default_factory=list)
     inbox: list[JourneyEvent] = Field(default_factory=list)
+    received: list[JourneyEvent] = Field(
+        default_factory=list, description="events since entry (bounded), for since: entry"
+    )
     seen: list[str] = Field(default_factory=list, description="recent message ids, for dedupe")
     results: dict[str, Any] = Field(default_factory=dict)
     history: list[StepRecord] = Field(default_factory=list)

@@ -142,6 +142,10 @@ class JourneyRun(SQLModel, table=True):
     started_at: datetime | None = _ts()
     ended_at: datetime | None = _ts(nullable=True, default=False)
     goal_at: datetime | None = _ts(nullable=True, default=False)
+    run_key: str | None = Field(default=None, max_length=64)
+    entry: dict[str, Any] | None = Field(
+        default=None, sa_column=sa.Column(JSONB, nullable=True), description="the entry event"
+    )
     arm: str | None = Field(default=None, max_length=64)
     holdout: bool = Field(default=False, sa_column_kwargs={"server_default": sa.false()})
 

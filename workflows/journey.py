@@ -38,9 +38,10 @@ SEEN_LIMIT = 1000
 INBOX_LIMIT = 100
 
 
-def workflow_id_for(journey_id: str, customer_id: str) -> str:
-    """One live run per (journey, customer); easy to find by prefix in the UI."""
-    return f"journey-{journey_id}-{customer_id}"
+def workflow_id_for(journey_id: str, customer_id: str, run_key: str | None = None) -> str:
+    """One live run per (journey, customer[, run key]); easy to find by prefix in the UI."""
+    base = f"journey-{journey_id}-{customer_id}"
+    return f"{base}-{run_key}" if run_key else base
 
 
 @workflow.defn(name="JourneyWorkflow")
@@ -165,7 +166,8 @@ class JourneyWorkflow:
     def _take_entry(self) -> None:
         st = self.state
         for i, event in enumerate(st.pending):
-            if self.journey.entry.matches(event.as_context()):
+            # An API enrollment carries its context as an `enroll` event.
+            if event.type == "enroll" or self.journey.entry.matches(event.as_context()):
                 st.entry = event
                 st.seen.append(event.message_id)
                 del st.pending[: i + 1]
@@ -202,8 +204,10 @@ class JourneyWorkflow:
                 self._log("journey.exit_on", event=event.event, message_id=event.message_id)
                 continue
             st.inbox.append(event)
+            st.received.append(event)
         del st.seen[:-SEEN_LIMIT]
         del st.inbox[:-INBOX_LIMIT]
+        del st.received[:-INBOX_LIMIT]
 
     def _close_step(self) -> None:
         st = self.state

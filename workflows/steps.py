@@ -16,7 +16,7 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
-    from models.conditions import evaluate
+    from models.conditions import evaluate, resolve
     from models.durations import parse_duration
     from models.journey import END as END_TARGET
     from models.journey import (
@@ -125,10 +125,23 @@ async def wait(run: JourneyWorkflow, step: WaitStep) -> str:
     return STAY
 
 
+def _correlated(run: JourneyWorkflow, paths: list[str], event: dict[str, Any]) -> bool:
+    entry = run.state.entry.as_context() if run.state.entry else {}
+    for path in paths:
+        value = resolve(path, event)
+        if value is None or value != resolve(path, entry):
+            return False
+    return True
+
+
 async def wait_for(run: JourneyWorkflow, step: WaitForStep) -> str:
-    for event in run.state.inbox:
+    candidates = run.state.received if step.since == "entry" else run.state.inbox
+    for event in list(candidates):
         for i, outcome in enumerate(step.events):
-            if outcome.matches(event.as_context(), run.context()):
+            ctx = event.as_context()
+            if outcome.matches(ctx, run.context()) and _correlated(run, outcome.correlate, ctx):
+                if event in run.state.received:
+                    run.state.received.remove(event)  # consumed: a later step won't count it
                 run.state.results[step.id] = {
                     "outcome": f"events[{i}]",
                     "event": event.as_context(),

@@ -1,0 +1,195 @@
+"""Entering a customer into a journey: the rules, the enrollment row, the start.
+
+Used by the outbox router (event-triggered entries) and the enroll API (API-triggered).
+An enrollment row (status `starting`) is committed before the run is started, keyed by the
+workflow id and the entry event's messageId, and it holds the entry event: whoever finds a
+`starting` row (after a crash) can start it again, and signal-with-start joins the run if it
+did start. So an entry is never lost and never started twice.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import asyncpg
+import structlog
+from temporalio.client import Client
+from temporalio.common import (
+    SearchAttributePair,
+    TypedSearchAttributes,
+    WorkflowIDConflictPolicy,
+    WorkflowIDReusePolicy,
+)
+
+from core.temporal import CUSTOMER_ID, JOURNEY_ID, JOURNEY_STATUS, JOURNEY_STEP, JOURNEY_VERSION
+from models.conditions import resolve
+from models.durations import parse_duration
+from models.journey import JourneyDefinition
+from models.runtime import JourneyEvent, JourneyRunInput
+from workflows.journey import workflow_id_for
+
+log = structlog.stdlib.get_logger("enrollment")
+
+_ENROLL = """
+INSERT INTO journey_runs (enrollment_id, workflow_id, journey_id, journey_version, customer_id,
+                          status, run_key, entry)
+VALUES ($1, $2, $3, $4, $5, 'starting', $6, $7)
+ON CONFLICT (enrollment_id) DO UPDATE SET enrollment_id = EXCLUDED.enrollment_id
+RETURNING status
+"""
+
+
+@dataclass
+class Start:
+    journey: JourneyDefinition
+    customer_id: str
+    enrollment_id: str
+    workflow_id: str
+    events: list[JourneyEvent]
+    run_id: str | None = None
+
+
+@dataclass
+class LiveRun:
+    workflow_id: str
+    enrollment_id: str
+    run_key: str | None
+
+
+@dataclass
+class RunHistory:
+    """What the rules need to know about one customer's runs of one journey."""
+
+    running: list[LiveRun] = field(default_factory=list)
+    starting: list[LiveRun] = field(default_factory=list)
+    last_started: datetime | None = None
+    entries: int = 0
+
+    def live_keys(self) -> set[str | None]:
+        return {r.run_key for r in self.running + self.starting}
+
+
+async def load_history(
+    conn: asyncpg.Connection | asyncpg.Pool, customer_ids: list[str]
+) -> dict[tuple[str, str], RunHistory]:
+    out: dict[tuple[str, str], RunHistory] = defaultdict(RunHistory)
+    for r in await conn.fetch(
+        "SELECT customer_id, journey_id, workflow_id, enrollment_id, status, started_at, run_key "
+        "FROM journey_runs WHERE customer_id = ANY($1::text[])",
+        customer_ids,
+    ):
+        h = out[(r["customer_id"], r["journey_id"])]
+        run = LiveRun(r["workflow_id"], r["enrollment_id"], r["run_key"])
+        if r["status"] == "running":
+            h.running.append(run)
+        elif r["status"] == "starting":
+            h.starting.append(run)
+        h.entries += 1
+        if h.last_started is None or r["started_at"] > h.last_started:
+            h.last_started = r["started_at"]
+    return out
+
+
+def run_key_of(journey: JourneyDefinition, entry: JourneyEvent) -> str | None:
+    if journey.run_key is None:
+        return None
+    value = resolve(journey.run_key, entry.as_context())
+    return None if value is None else re.sub(r"[^A-Za-z0-9_.\-]", "_", str(value))[:64]
+
+
+def refusal(journey: JourneyDefinition, history: RunHistory, key: str | None) -> str | None:
+    """Why this customer may not enter now, or None."""
+    if key in history.live_keys():
+        return "already in this journey" + (f" for {key}" if key else "")
+    if journey.max_entries is not None and history.entries >= journey.max_entries:
+        return f"entry cap of {journey.max_entries} reached"
+    rule = journey.re_entry
+    if history.last_started is not None:
+        if rule.policy == "never":
+            return "re-entry is never allowed"
+        if rule.policy == "after" and rule.after is not None:
+            if datetime.now(UTC) - history.last_started < parse_duration(rule.after):
+                return f"re-entry only {rule.after} after the last entry"
+    return None
+
+
+async def enroll(
+    conn: asyncpg.Connection,
+    journey: JourneyDefinition,
+    customer_id: str,
+    entry: JourneyEvent,
+    events: list[JourneyEvent],
+    history: RunHistory,
+) -> Start | str:
+    """Write the enrollment (in the caller's transaction); a Start, or why not."""
+    key = run_key_of(journey, entry)
+    why = refusal(journey, history, key)
+    if why is not None:
+        return why
+    wid = workflow_id_for(journey.id, customer_id, key)
+    enrollment = f"{wid}:{entry.message_id}"
+    status = await conn.fetchval(
+        _ENROLL,
+        enrollment,
+        wid,
+        journey.id,
+        journey.version,
+        customer_id,
+        key,
+        entry.model_dump(mode="json"),
+    )
+    if status not in ("starting", "running"):
+        return "this entry already ran to its end"
+    history.starting.append(LiveRun(wid, enrollment, key))
+    history.entries += 1
+    history.last_started = datetime.now(UTC)
+    return Start(journey, customer_id, enrollment, wid, events)
+
+
+async def start_run(client: Client, task_queue: str, history_limit: int, start: Start) -> str:
+    """Signal-with-start: starts the run, or joins it if this enrollment already started."""
+    journey, cid = start.journey, start.customer_id
+    handle = await client.start_workflow(
+        "JourneyWorkflow",
+        JourneyRunInput(
+            journey=journey,
+            customer_id=cid,
+            enrollment_id=start.enrollment_id,
+            history_limit=history_limit,
+        ),
+        id=start.workflow_id,
+        task_queue=task_queue,
+        start_signal="events",
+        start_signal_args=[start.events],
+        id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        search_attributes=TypedSearchAttributes(
+            [
+                SearchAttributePair(CUSTOMER_ID, cid),
+                SearchAttributePair(JOURNEY_ID, journey.id),
+                SearchAttributePair(JOURNEY_VERSION, journey.version),
+                SearchAttributePair(JOURNEY_STEP, "(start)"),
+                SearchAttributePair(JOURNEY_STATUS, "running"),
+            ]
+        ),
+        memo={"journey": journey.name, "version": journey.version, "customer": cid},
+        static_summary=f"{journey.name} v{journey.version} for customer {cid}",
+    )
+    assert handle.result_run_id is not None
+    start.run_id = handle.result_run_id
+    log.info(
+        "journey.entered", customer_id=cid, journey_id=journey.id, workflow_id=start.workflow_id,
+        version=journey.version,
+    )  # fmt: skip
+    return handle.result_run_id
+
+
+async def mark_started(conn: asyncpg.Connection | asyncpg.Pool, starts: list[Start]) -> None:
+    await conn.executemany(
+        "UPDATE journey_runs SET run_id = $2, status = 'running' "
+        "WHERE enrollment_id = $1 AND status = 'starting'",
+        [(s.enrollment_id, s.run_id) for s in starts if s.run_id],
+    )
