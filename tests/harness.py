@@ -3,6 +3,7 @@ worker and activities. Events go in through the same validation and storage as t
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -10,6 +11,7 @@ from typing import Any
 
 import asyncpg
 from temporalio.client import WorkflowHandle
+from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 
 from activities.router import EventRouter
@@ -85,8 +87,17 @@ async def engine(
     pool: asyncpg.Pool, env: WorkflowEnvironment, **router: Any
 ) -> AsyncIterator[Engine]:
     eng = Engine(pool, env, f"tq-{uuid.uuid4().hex[:8]}", **router)
-    async with build_worker(env.client, pool, eng.task_queue):
-        yield eng
+    try:
+        async with build_worker(env.client, pool, eng.task_queue):
+            yield eng
+    finally:
+        # A run left waiting on a queue nobody polls would stop the time-skipping server
+        # from skipping time for every later test.
+        for row in await pool.fetch(
+            "SELECT DISTINCT workflow_id FROM journey_runs WHERE status IN ('starting', 'running')"
+        ):
+            with contextlib.suppress(RPCError):
+                await env.client.get_workflow_handle(row["workflow_id"]).terminate("test ended")
 
 
 def track(user: str, event: str, /, **props: Any) -> dict[str, Any]:
