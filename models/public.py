@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from models.runtime import StepRecord
+from models.runtime import SteerRecord, StepRecord
 
 
 class Accepted(BaseModel):
@@ -71,6 +71,8 @@ class JourneyRunPublic(BaseModel):
     started_at: datetime
     ended_at: datetime | None
     history: list[StepRecord]
+    results: dict[str, Any] = {}
+    steered: list[SteerRecord] = []
 
 
 class JourneyPublic(BaseModel):

@@ -43,6 +43,20 @@ class StepRecord(BaseModel):
 RunStatus = Literal["running", "completed", "exited"]
 
 
+class SteerCommand(BaseModel):
+    """An operator's instruction to a run in flight (a workflow update)."""
+
+    action: Literal["exit", "skip", "move"]
+    step_id: str | None = Field(default=None, description="target step, for move")
+    reason: str = Field(min_length=1, max_length=500)
+    by: str | None = None
+
+
+class SteerRecord(SteerCommand):
+    at: datetime
+    from_step: str | None
+
+
 class JourneyState(BaseModel):
     """Everything a run needs to go on after continue-as-new."""
 
@@ -68,6 +82,8 @@ class JourneyState(BaseModel):
     holdout: bool = False
     arm: str | None = None
     goal_at: datetime | None = None
+    steer: SteerCommand | None = None
+    steered: list[SteerRecord] = Field(default_factory=list)
 
 
 class JourneyRunInput(BaseModel):
@@ -98,6 +114,7 @@ class RunSummary(BaseModel):
     exit_reason: str | None
     history: list[StepRecord]
     results: dict[str, Any]
+    steered: list[SteerRecord] = Field(default_factory=list)
 
 
 class ProfileSnapshot(BaseModel):

@@ -23,6 +23,8 @@ with workflow.unsafe.imports_passed_through():
         JourneyState,
         RunFinished,
         RunSummary,
+        SteerCommand,
+        SteerRecord,
         StepRecord,
     )
     from workflows.steps import (
@@ -67,6 +69,31 @@ class JourneyWorkflow:
         self.customer_id = customer_id
         workflow.upsert_search_attributes([CUSTOMER_ID.value_set(customer_id)])
 
+    @workflow.update
+    async def steer(self, cmd: SteerCommand) -> RunSummary:
+        """Exit the run, skip the current wait, or move to a step; applied between steps."""
+        self.state.steer = cmd
+        await workflow.wait_condition(lambda: self.state.steer is None)
+        return self.summary()
+
+    @steer.validator
+    def _check_steer(self, cmd: SteerCommand) -> None:
+        st = self.state
+        if st.status != "running" or st.step_id is None:
+            raise ValueError(f"the run is {st.status}; nothing to steer")
+        if st.steer is not None:
+            raise ValueError("another instruction is being applied")
+        if cmd.action == "move":
+            if cmd.step_id is None:
+                raise ValueError("move needs step_id")
+            try:
+                self.journey.step(cmd.step_id)
+            except KeyError:
+                version = self.journey.version
+                raise ValueError(f"no step {cmd.step_id!r} in version {version}") from None
+        if cmd.action == "skip" and self.journey.step(st.step_id).kind not in ("wait", "wait_for"):
+            raise ValueError(f"step {st.step_id!r} is not a wait")
+
     @workflow.query
     def summary(self) -> RunSummary:
         return RunSummary(
@@ -79,6 +106,7 @@ class JourneyWorkflow:
             exit_reason=self.state.exit_reason,
             history=self.state.history,
             results=self.state.results,
+            steered=self.state.steered,
         )
 
     # -- the interpreter --------------------------------------------------------------
@@ -92,6 +120,8 @@ class JourneyWorkflow:
         while True:
             # Drain first: signals delivered with the start are already queued here.
             self._drain()
+            if st.status == "running" and st.steer is not None:
+                self._apply_steer()
             if st.status != "running":
                 break
             if st.step_id is None:
@@ -163,6 +193,28 @@ class JourneyWorkflow:
         )
 
     # -- internals ----------------------------------------------------------------------
+    def _apply_steer(self) -> None:
+        st = self.state
+        cmd = st.steer
+        assert cmd is not None and st.step_id is not None
+        st.steered.append(SteerRecord(**cmd.model_dump(), at=workflow.now(), from_step=st.step_id))
+        self.outcome = f"operator {cmd.action}: {cmd.reason}"
+        self._log("journey.steered", action=cmd.action, reason=cmd.reason, by=cmd.by)
+        step = self.journey.step(st.step_id)
+        if cmd.action == "exit":
+            self.exit(f"operator: {cmd.reason}")
+        elif cmd.action == "move":
+            self._enter(cmd.step_id)
+        else:
+            target = (
+                getattr(step, "on_timeout", None)
+                or getattr(step, "next", None)
+                or self.journey.following(step.id)
+            )
+            st.results[step.id] = {"outcome": "skipped", "reason": cmd.reason}
+            self._enter(None if target == "end" else target)
+        st.steer = None
+
     def _take_entry(self) -> None:
         st = self.state
         for i, event in enumerate(st.pending):

@@ -73,7 +73,7 @@ async def _wait_until_deadline(run: JourneyWorkflow, wake: Callable[[], bool], l
         return True
     try:
         await workflow.wait_condition(
-            lambda: wake() or run.continue_as_new_due(),
+            lambda: wake() or run.continue_as_new_due() or run.state.steer is not None,
             timeout=remaining,
             timeout_summary=label,
         )

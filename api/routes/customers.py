@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 
 from fastapi import APIRouter, Query
+from pydantic import Field
+from temporalio.client import WorkflowUpdateFailedError
 from temporalio.service import RPCError
 
 from api.deps import AdminDep, PoolDep, TemporalDep
@@ -18,7 +20,7 @@ from models.public import (
     MessagePage,
     MessagePublic,
 )
-from models.runtime import RunSummary
+from models.runtime import RunSummary, SteerCommand
 from store.profiles import find_customer
 
 router = APIRouter(prefix="/v1/customers", tags=["customers"], dependencies=[AdminDep])
@@ -129,6 +131,44 @@ async def get_journeys(ref: str, pool: PoolDep, temporal: TemporalDep) -> list[J
             started_at=row["started_at"],
             ended_at=row["ended_at"],
             history=summary.history if summary else [],
+            results=summary.results if summary else {},
+            steered=summary.steered if summary else [],
         )
 
     return list(await asyncio.gather(*(describe(dict(r)) for r in rows)))
+
+
+class SteerRequest(SteerCommand):
+    workflow_id: str | None = Field(
+        default=None, description="which run, when the journey keeps several per customer"
+    )
+
+
+@router.post("/{ref}/journeys/{journey_id}/steer", response_model=RunSummary)
+async def steer_run(
+    ref: str, journey_id: str, body: SteerRequest, pool: PoolDep, temporal: TemporalDep
+) -> RunSummary:
+    """Exit a customer from a journey, skip the current wait, or move them to a step.
+    Validated by the run itself; the reason is recorded in the run's `steered` list."""
+    cid = await _customer_id(pool, ref)
+    rows = await pool.fetch(
+        "SELECT workflow_id, run_id FROM journey_runs WHERE customer_id = $1 AND journey_id = $2 "
+        "AND status = 'running' AND ($3::text IS NULL OR workflow_id = $3)",
+        cid,
+        journey_id,
+        body.workflow_id,
+    )
+    if not rows:
+        raise ApiError(404, "not_found", f"customer {ref!r} has no running {journey_id!r} run")
+    if len(rows) > 1:
+        raise ApiError(409, "ambiguous", "several runs: name one with workflow_id")
+    cmd = SteerCommand.model_validate(body.model_dump(exclude={"workflow_id"}))
+    handle = temporal.get_workflow_handle(rows[0]["workflow_id"], run_id=rows[0]["run_id"])
+    try:
+        return await handle.execute_update("steer", cmd, result_type=RunSummary)
+    except WorkflowUpdateFailedError as err:
+        cause = err.cause
+        message = getattr(cause, "message", None) or str(cause or err)
+        raise ApiError(409, "rejected", message) from None
+    except RPCError as err:
+        raise ApiError(409, "rejected", err.message) from None

@@ -1,0 +1,191 @@
+"""One throwaway stack for a bench run: embedded PostgreSQL, Temporal dev server, worker, API.
+
+Everything lives in one temp dir that is removed at the end; `stop()` is safe to call at any
+point (also half-way through `start()`), and more than once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from core.embedded import find_binary, start_postgres, start_temporal
+from core.settings import ROOT
+
+WRITE_KEY = "bench-write-key"
+ADMIN_KEY = "bench-admin-key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+@dataclass
+class Stack:
+    keep_logs: Path | None = None
+    tmp: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="journeys-bench-")))
+    task_queue: str = field(default_factory=lambda: f"bench-{uuid.uuid4().hex[:8]}")
+    api_port: int = field(default_factory=free_port)
+    temporal_port: int = 0
+    db_url: str = ""
+    pg: Any = None
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    _stopped: bool = False
+
+    @property
+    def logs(self) -> Path:
+        return self.tmp / "logs"
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    @property
+    def temporal_address(self) -> str:
+        return f"127.0.0.1:{self.temporal_port}"
+
+    def env(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "DATABASE_URL": self.db_url,
+            "TEMPORAL_ADDRESS": self.temporal_address,
+            "TEMPORAL_TASK_QUEUE": self.task_queue,
+            "JOURNEYS_WRITE_KEY": WRITE_KEY,
+            "JOURNEYS_ADMIN_KEY": ADMIN_KEY,
+            "LOG_FORMAT": "json",
+            "LOG_LEVEL": "WARNING",
+        }
+
+    # -- servers -------------------------------------------------------------------
+    def start_servers(self) -> None:
+        """PostgreSQL (not yet migrated) and the Temporal dev server on free ports."""
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.pg, self.db_url = start_postgres(self.tmp / "pgdata")
+        self.temporal_port = free_port()
+        self.procs["temporal"] = start_temporal(
+            self.tmp / "temporal.db",
+            port=self.temporal_port,
+            ui_port=free_port(),
+            log=self.logs / "temporal.log",
+        )
+
+    def start_app(self) -> None:
+        """`python worker.py` and one uvicorn process, as in production; waits for /health."""
+        env = self.env()
+        with open(self.logs / "worker.log", "ab") as out:
+            self.procs["worker"] = subprocess.Popen(
+                [sys.executable, str(ROOT / "worker.py")],
+                env=env,
+                cwd=ROOT,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        cmd = [find_binary("uvicorn"), "api.main:app", "--host", "127.0.0.1"]
+        cmd += ["--port", str(self.api_port), "--log-level", "warning"]
+        with open(self.logs / "api.log", "ab") as out:
+            self.procs["api"] = subprocess.Popen(
+                cmd, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT
+            )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{self.api_url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise RuntimeError("the API did not answer /health within 60 s")
+            time.sleep(0.1)
+
+    def check_alive(self) -> None:
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                log = self.logs / f"{name}.log"
+                raise RuntimeError(
+                    f"{name} exited with {proc.returncode}; last lines of {log}:\n{_tail(log)}"
+                )
+
+    def pids(self) -> dict[str, int]:
+        out = {name: p.pid for name, p in self.procs.items() if p.poll() is None}
+        with contextlib.suppress(Exception):
+            out["postgres"] = int(self.pg.get_pid())
+        return out
+
+    def log_problems(self) -> dict[str, dict[str, int]]:
+        """Counts of WARNING/ERROR lines per process log (LOG_LEVEL=WARNING keeps only those)."""
+        out: dict[str, dict[str, int]] = {}
+        for name in ("worker", "api"):
+            text = ""
+            with contextlib.suppress(OSError):
+                text = (self.logs / f"{name}.log").read_text(errors="replace")
+            counts: dict[str, int] = {"lines": 0}
+            for line in text.splitlines():
+                counts["lines"] += 1
+                level = "other"
+                try:
+                    rec = json.loads(line)
+                    if isinstance(rec, dict):
+                        level = str(rec.get("level", "other")).lower()
+                        event = str(rec.get("event", ""))[:60]
+                        counts[f"{level}:{event}"] = counts.get(f"{level}:{event}", 0) + 1
+                except ValueError:
+                    head = line.split(":", 1)[0].strip().lower()
+                    level = head if head in ("warning", "error", "critical") else "other"
+                counts[level] = counts.get(level, 0) + 1
+            out[name] = counts
+        return out
+
+    def log_samples(self, name: str, lines: int = 5) -> str:
+        return _tail(self.logs / f"{name}.log", lines)
+
+    # -- teardown ------------------------------------------------------------------
+    def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        # The app first (it talks to both servers), then Temporal, then PostgreSQL.
+        for group in (("api", "worker"), ("temporal",)):
+            procs = [(n, self.procs[n]) for n in group if n in self.procs]
+            for _, proc in procs:
+                if proc.poll() is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.send_signal(signal.SIGTERM)
+            for _, proc in procs:
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        proc.wait(timeout=5)
+        self.procs.clear()
+        if self.pg is not None:
+            with contextlib.suppress(Exception):
+                self.pg.cleanup()
+        if self.keep_logs is not None and self.logs.exists():
+            with contextlib.suppress(OSError):
+                shutil.copytree(self.logs, self.keep_logs, dirs_exist_ok=True)
+        shutil.rmtree(self.tmp, ignore_errors=True)
