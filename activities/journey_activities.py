@@ -20,6 +20,8 @@ from models.runtime import (
     ScoreResult,
     SendRequest,
     SendResult,
+    TaskCreated,
+    TaskRequest,
     WaitRequest,
     WaitResolution,
     WebhookRequest,
@@ -187,6 +189,56 @@ class JourneyActivities:
         }
         return await webhooks.call(self.http, req, ctx)
 
+    @activity.defn(name="create_task")
+    async def create_task(self, req: TaskRequest) -> TaskCreated:
+        """One task per idempotency key; the optional notification carries the same key."""
+        profile = await self._profile(req.customer_id, stats=False)
+        ctx = {
+            "profile": profile.traits,
+            "customer": profile.as_context(),
+            "event": req.entry or {},
+            "journey": {"id": req.journey_id},
+        }
+        try:
+            title = render(req.title, ctx)
+            details = webhooks.render_payload(req.details, ctx)
+        except TemplateError as err:
+            raise ApplicationError(
+                f"step {req.step_id!r}: template error: {err}", type="TemplateError"
+            ) from err
+        row = await self.pool.fetchrow(
+            "INSERT INTO tasks (idempotency_key, customer_id, journey_id, step_id, workflow_id, "
+            "enrollment_id, queue, title, details, status) "
+            "VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,'open') "
+            "ON CONFLICT (idempotency_key) "
+            "DO UPDATE SET idempotency_key = EXCLUDED.idempotency_key RETURNING id",
+            req.idempotency_key,
+            req.customer_id,
+            req.journey_id,
+            req.step_id,
+            req.workflow_id,
+            req.enrollment_id,
+            req.queue,
+            title,
+            details,
+        )
+        assert row is not None
+        if req.notify_url:
+            body = {"task_id": row["id"], "queue": req.queue, "title": title, "details": details,
+                    "customer_id": req.customer_id, "journey_id": req.journey_id}  # fmt: skip
+            try:
+                resp = await self.http.post(
+                    req.notify_url,
+                    json=body,
+                    headers={"Idempotency-Key": req.idempotency_key},
+                    timeout=10,
+                )
+            except httpx.HTTPError as err:
+                raise ApplicationError(f"task notification failed: {err!r}") from err
+            if resp.status_code >= 400:
+                raise ApplicationError(f"task notification answered {resp.status_code}")
+        return TaskCreated(task_id=row["id"])
+
     @activity.defn(name="resolve_wait")
     async def resolve_wait(self, req: WaitRequest) -> WaitResolution:
         profile = await self._profile(req.customer_id, stats=False)
@@ -206,4 +258,5 @@ class JourneyActivities:
             self.score,
             self.call_webhook,
             self.resolve_wait,
+            self.create_task,
         ]

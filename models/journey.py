@@ -214,6 +214,28 @@ class WebhookStep(_Step):
     on_error: str | None = None
 
 
+class HandoffStep(_Step):
+    """Hand the customer to a human: a task in a queue (`GET /v1/tasks`), optionally POSTed to
+    `notify_url`; with `wait`, the run holds until the task is closed (`POST
+    /v1/tasks/{id}/close`) or `timeout` passes (then `on_timeout`)."""
+
+    kind: Literal["handoff"]
+    queue: str = Field(pattern=r"^[a-z0-9][a-z0-9_\-]*$", max_length=64)
+    title: str = Field(description="template")
+    details: dict[str, Any] = Field(default_factory=dict, description="string values are templates")
+    notify_url: str | None = Field(default=None, pattern=r"^https?://")
+    wait: bool = False
+    timeout: Duration | None = None
+    next: str | None = None
+    on_timeout: str | None = None
+
+    @model_validator(mode="after")
+    def _timeout_with_wait(self) -> HandoffStep:
+        if (self.timeout is not None or self.on_timeout is not None) and not self.wait:
+            raise ValueError("timeout and on_timeout go with wait: true")
+        return self
+
+
 Step = Annotated[
     WaitStep
     | WaitForStep
@@ -225,11 +247,12 @@ Step = Annotated[
     | UpdateProfileStep
     | GotoStep
     | ScoreStep
-    | WebhookStep,
+    | WebhookStep
+    | HandoffStep,
     Field(discriminator="kind"),
 ]
 STEP_KINDS = ("wait", "wait_for", "branch", "send", "exit", "split", "holdout",
-              "update_profile", "goto", "score", "webhook")  # fmt: skip
+              "update_profile", "goto", "score", "webhook", "handoff")  # fmt: skip
 
 
 class Goal(EventMatch):
@@ -329,4 +352,6 @@ def _targets(step: Step) -> list[tuple[str, str | None]]:
         return [("target", step.target), ("next", step.next)]
     if isinstance(step, WebhookStep):
         return [("next", step.next), ("on_error", step.on_error)]
+    if isinstance(step, HandoffStep):
+        return [("next", step.next), ("on_timeout", step.on_timeout)]
     return [("next", getattr(step, "next", None))]

@@ -83,6 +83,7 @@ class JourneyState(BaseModel):
     arm: str | None = None
     goal_at: datetime | None = None
     steer: SteerCommand | None = None
+    closed_tasks: dict[str, str | None] = Field(default_factory=dict)
     steered: list[SteerRecord] = Field(default_factory=list)
 
 
@@ -195,6 +196,29 @@ class WebhookResult(BaseModel):
     status: int
     ok: bool
     body: Any = None
+
+
+class TaskRequest(BaseModel):
+    idempotency_key: str
+    customer_id: str
+    journey_id: str
+    step_id: str
+    workflow_id: str
+    enrollment_id: str
+    queue: str
+    title: str
+    details: dict[str, Any]
+    notify_url: str | None = None
+    entry: dict[str, Any] | None = None
+
+
+class TaskCreated(BaseModel):
+    task_id: int
+
+
+class TaskClosed(BaseModel):
+    task_id: int
+    outcome: str | None = None
 
 
 class WaitRequest(BaseModel):

@@ -156,3 +156,27 @@ class AppliedEffect(SQLModel, table=True):
     __tablename__ = "applied_effects"
     idempotency_key: str = Field(primary_key=True, max_length=512)
     created_at: datetime | None = _ts()
+
+
+class Task(SQLModel, table=True):
+    """A hand-off to a human; closing it may resume the run that waits for it."""
+
+    __tablename__ = "tasks"
+    __table_args__ = (sa.Index("ix_tasks_status_queue", "status", "queue"),)
+    id: int | None = Field(
+        default=None, sa_column=sa.Column(sa.BigInteger, primary_key=True, autoincrement=True)
+    )
+    idempotency_key: str = Field(max_length=512, unique=True)
+    customer_id: str = Field(max_length=64, index=True)
+    journey_id: str = Field(max_length=64)
+    step_id: str = Field(max_length=64)
+    workflow_id: str = Field(max_length=256)
+    enrollment_id: str = Field(max_length=1024)
+    queue: str = Field(max_length=64)
+    title: str
+    details: dict[str, Any] = _json()
+    status: str = Field(max_length=16, description="open | closed")
+    outcome: str | None = None
+    closed_by: str | None = Field(default=None, max_length=256)
+    created_at: datetime | None = _ts()
+    closed_at: datetime | None = _ts(nullable=True, default=False)

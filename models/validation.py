@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from models.journey import JourneyDefinition, Step
 
 TEMPLATE_VARIABLES = {"profile", "customer", "event", "journey"}
-PRODUCES_RESULTS = {"wait_for", "score", "webhook", "split", "holdout", "send", "wait"}
+PRODUCES_RESULTS = {"wait_for", "score", "webhook", "split", "holdout", "send", "wait", "handoff"}
 WAITS = {"wait", "wait_for"}
 _jinja = SandboxedEnvironment()
 
@@ -108,8 +108,12 @@ def _conditions(step: Step) -> list[Any]:
 
 
 def _templates(step: Step) -> list[tuple[str, str]]:
-    from models.journey import SendStep, WebhookStep
+    from models.journey import HandoffStep, SendStep, WebhookStep
 
+    if isinstance(step, HandoffStep):
+        return [("title", step.title)] + [
+            (f"details.{k}", v) for k, v in _strings(step.details, "")
+        ]
     if isinstance(step, SendStep):
         out = [("template.body", step.template.body)]
         if step.template.subject is not None:

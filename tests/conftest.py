@@ -28,9 +28,10 @@ from core.temporal import SEARCH_ATTRIBUTES, register_search_attributes
 from store.db import create_pool, migrate_sync
 
 T = TypeVar("T")
+pytest_plugins = ["tests.receiver"]  # the `receiver` fixture: a local HTTP endpoint
 TABLES = (
     "events, identities, customers, messages, journey_runs, journey_versions, journeys, "
-    "applied_effects"
+    "applied_effects, tasks"
 )
 
 configure_logging("console", os.environ.get("TEST_LOG_LEVEL", "WARNING"))

@@ -26,6 +26,7 @@ with workflow.unsafe.imports_passed_through():
         SteerCommand,
         SteerRecord,
         StepRecord,
+        TaskClosed,
     )
     from workflows.steps import (
         ACTIVITY_RETRY,
@@ -62,6 +63,10 @@ class JourneyWorkflow:
     @workflow.signal
     def events(self, events: list[JourneyEvent]) -> None:
         self.state.pending.extend(events)
+
+    @workflow.signal
+    def task_closed(self, closed: TaskClosed) -> None:
+        self.state.closed_tasks[str(closed.task_id)] = closed.outcome
 
     @workflow.signal
     def reassign(self, customer_id: str) -> None:

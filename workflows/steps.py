@@ -23,6 +23,7 @@ with workflow.unsafe.imports_passed_through():
         BranchStep,
         ExitStep,
         GotoStep,
+        HandoffStep,
         HoldoutStep,
         ScoreStep,
         SendStep,
@@ -40,6 +41,8 @@ with workflow.unsafe.imports_passed_through():
         ScoreResult,
         SendRequest,
         SendResult,
+        TaskCreated,
+        TaskRequest,
         WaitRequest,
         WaitResolution,
         WebhookRequest,
@@ -336,6 +339,60 @@ async def webhook(run: JourneyWorkflow, step: WebhookStep) -> str:
     return _after(run, step, step.next)
 
 
+async def handoff(run: JourneyWorkflow, step: HandoffStep) -> str:
+    st = run.state
+    task = st.results.get(step.id, {}).get("task_id")
+    if task is None:
+        created = await workflow.execute_activity(
+            "create_task",
+            TaskRequest(
+                idempotency_key=_effect_key(run, "task"),
+                customer_id=run.customer_id,
+                journey_id=run.journey.id,
+                step_id=step.id,
+                workflow_id=workflow.info().workflow_id,
+                enrollment_id=st.enrollment_id,
+                queue=step.queue,
+                title=step.title,
+                details=step.details,
+                notify_url=step.notify_url,
+                entry=st.entry.as_context() if st.entry else None,
+            ),
+            result_type=TaskCreated,
+            start_to_close_timeout=timedelta(seconds=30),
+            retry_policy=ACTIVITY_RETRY,
+            summary=f"hand-off to {step.queue}",
+        )
+        task = created.task_id
+        st.results[step.id] = {"task_id": task, "queue": step.queue}
+        if step.wait and step.timeout is not None:
+            st.step_deadline = workflow.now() + parse_duration(step.timeout)
+            run.publish_position()
+    if not step.wait:
+        run.outcome = f"task {task}"
+        return _after(run, step, step.next)
+    closed = lambda: str(task) in st.closed_tasks  # noqa: E731
+    if not closed():
+        if st.step_deadline is not None:
+            label = f"task {task} (timeout {step.timeout})"
+            if await _wait_until_deadline(run, lambda: bool(st.pending) or closed(), label):
+                st.results[step.id]["outcome"] = "timeout"
+                run.outcome = "timeout"
+                return _after(run, step, step.on_timeout or step.next)
+        else:
+            await workflow.wait_condition(
+                lambda: bool(st.pending)
+                or closed()
+                or st.steer is not None
+                or run.continue_as_new_due()
+            )
+        if not closed():
+            return STAY
+    st.results[step.id]["outcome"] = st.closed_tasks[str(task)]
+    run.outcome = f"closed: {st.closed_tasks[str(task)]}"
+    return _after(run, step, step.next)
+
+
 HANDLERS: dict[str, Callable[[Any, Any], Awaitable[str]]] = {
     "wait": wait,
     "wait_for": wait_for,
@@ -348,6 +405,7 @@ HANDLERS: dict[str, Callable[[Any, Any], Awaitable[str]]] = {
     "update_profile": update_profile,
     "score": score,
     "webhook": webhook,
+    "handoff": handoff,
 }
 
 

@@ -3,19 +3,14 @@ time-skipping server with real Postgres and a real local HTTP server for webhook
 
 from __future__ import annotations
 
-import json
-import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from zoneinfo import ZoneInfo
-
-import pytest
 
 from activities.waits import next_local_time, signed_duration
 from models.runtime import RunSummary
 from tests.harness import engine, identify, track
+from tests.receiver import Receiver
 
 
 def _journey(jid: str, steps: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
@@ -136,45 +131,6 @@ async def test_update_profile_and_score_feed_later_branches(db, ts_env):
         assert traits["tags"] == ["newsletter", "vip"]
 
 
-class _Receiver(BaseHTTPRequestHandler):
-    calls: list[dict[str, Any]] = []
-    flaky_left = 0
-
-    def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        type(self).calls.append(
-            {"path": self.path, "body": body, "key": self.headers.get("Idempotency-Key")}
-        )
-        if self.path == "/flaky" and type(self).flaky_left > 0:
-            type(self).flaky_left -= 1
-            self._reply(503, {"error": "busy"})
-        elif self.path == "/reject":
-            self._reply(422, {"error": "bad customer"})
-        else:
-            self._reply(200, {"segment": "gold", "echo": body})
-
-    def _reply(self, status: int, body: dict[str, Any]) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
-@pytest.fixture
-def receiver() -> Iterator[str]:
-    _Receiver.calls = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Receiver)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-
-
 def _hook_journey(url: str) -> dict[str, Any]:
     return _journey(
         "hook",
@@ -197,8 +153,8 @@ async def test_webhook_response_feeds_a_branch(db, ts_env, receiver):
         await eng.send(track("k", "Started", sku="SKU-1"))
         result = await eng.result(await eng.run("hook", "k"))
         assert result.steps == ["crm", "gold", "thanks"]
-        assert _Receiver.calls[0]["body"] == {"email": "k@example.com", "product": "SKU-1"}
-        assert _Receiver.calls[0]["key"]
+        assert Receiver.calls[0]["body"] == {"email": "k@example.com", "product": "SKU-1"}
+        assert Receiver.calls[0]["key"]
 
 
 async def test_webhook_4xx_is_a_branch_and_5xx_is_retried_with_one_key(db, ts_env, receiver):
@@ -207,16 +163,16 @@ async def test_webhook_4xx_is_a_branch_and_5xx_is_retried_with_one_key(db, ts_en
         await eng.send(identify("x", email="x@example.com"), track("x", "Started", sku="S"))
         result = await eng.result(await eng.run("hook", "x"))
         assert result.steps == ["crm", "rejected"]
-        assert len(_Receiver.calls) == 1  # a 4xx is an answer, not retried
+        assert len(Receiver.calls) == 1  # a 4xx is an answer, not retried
 
-        _Receiver.calls = []
-        _Receiver.flaky_left = 2
+        Receiver.calls = []
+        Receiver.flaky_left = 2
         await eng.publish(_hook_journey(f"{receiver}/flaky"))
         await eng.send(identify("y", email="y@example.com"), track("y", "Started", sku="S"))
         result = await eng.result(await eng.run("hook", "y"))
         assert result.steps == ["crm", "gold", "thanks"]
-        assert len(_Receiver.calls) == 3
-        assert len({c["key"] for c in _Receiver.calls}) == 1
+        assert len(Receiver.calls) == 3
+        assert len({c["key"] for c in Receiver.calls}) == 1
 
 
 def test_next_local_time_honours_timezone_and_weekdays():
