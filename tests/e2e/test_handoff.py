@@ -67,13 +67,17 @@ async def test_closing_the_task_resumes_the_run_with_its_outcome(desk):
     assert task["title"] == "Call Vera about 1200"
     assert task["details"] == {"email": "vera@example.com"}
     assert task["status"] == "open"
+    handle = await eng.run("vip_handoff", "vip")
+
+    async def waiting() -> RunSummary | None:
+        # The run waits once the task is stored and its notification delivered.
+        summary = await handle.query("summary", result_type=RunSummary)
+        return summary if summary.step_deadline is not None else None
+
+    summary = await eventually(waiting, what="the run to wait for the task")
+    assert summary.step_id == "call_them"
     assert [c["body"]["task_id"] for c in Receiver.calls] == [task["id"]]
     assert Receiver.calls[0]["key"]
-
-    handle = await eng.run("vip_handoff", "vip")
-    summary = await handle.query("summary", result_type=RunSummary)
-    assert summary.step_id == "call_them"
-    assert summary.step_deadline is not None
 
     r = await api.post(f"/v1/tasks/{task['id']}/close", json={"outcome": "won"}, headers=ADMIN)
     assert r.status_code == 200

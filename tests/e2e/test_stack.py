@@ -49,7 +49,7 @@ async def test_segment_client_to_messages_and_search_attributes(
         r = await api.post("/v1/journeys", json=FAST_CART, headers=admin())
         assert r.status_code == 200, r.text
 
-        segment = SegmentClient(WRITE_KEY, host=stack.api_url, sync_mode=True, max_retries=1)
+        segment = SegmentClient(WRITE_KEY, host=stack.api_url, max_retries=1, upload_size=100)
         errors: list[Exception] = []
         segment.on_error = lambda e, _batch: errors.append(e)
         segment.identify("shopper", {"email": "shopper@example.com", "first_name": "Sam"})
