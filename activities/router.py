@@ -33,7 +33,7 @@ from activities.enrollment import Start, enroll, load_history, mark_started, sta
 from models.journey import EventMatch, JourneyDefinition
 from models.runtime import JourneyEvent
 from store.events import NOTIFY_CHANNEL
-from store.journeys import active_definitions
+from store.journeys import RoutedJourney, routed_journeys
 from store.profiles import StoredEvent, resolve_and_apply
 
 log = structlog.stdlib.get_logger("router")
@@ -78,6 +78,7 @@ class _Signal:
     journey: JourneyDefinition
     customer_id: str
     events: list[JourneyEvent]
+    open: bool = True
 
 
 @dataclass
@@ -104,7 +105,7 @@ class EventRouter:
         self.batch_size = batch_size
         self.history_limit = history_limit
         self._sem = asyncio.Semaphore(concurrency)
-        self._journeys: list[JourneyDefinition] = []
+        self._journeys: list[RoutedJourney] = []
         self._journeys_stale = True
         self._wake = asyncio.Event()
 
@@ -207,7 +208,7 @@ class EventRouter:
     async def route_once(self) -> int:
         if self._journeys_stale:
             self._journeys_stale = False
-            self._journeys = await active_definitions(self.pool)
+            self._journeys = await routed_journeys(self.pool)
         async with self.pool.acquire() as conn:
             async with conn.transaction():
                 rows = await conn.fetch(_SELECT, self.batch_size)
@@ -237,8 +238,8 @@ class EventRouter:
         for e in events:
             by_customer[e.customer_id].append(journey_event(e))
         histories = await load_history(conn, list(by_customer))
-        for journey in self._journeys:
-            keys = _names([journey.entry]) | _names(journey.interesting())
+        for routed in self._journeys:
+            journey, keys = routed.current, routed.keys
             for cid, jevs in by_customer.items():
                 relevant = [e for e in jevs if _hits(keys, e)]
                 if not relevant:
@@ -251,11 +252,11 @@ class EventRouter:
                     for r in history.starting
                 )
                 plan.signals.extend(
-                    _Signal(r.workflow_id, r.enrollment_id, journey, cid, relevant)
+                    _Signal(r.workflow_id, r.enrollment_id, journey, cid, relevant, routed.open)
                     for r in history.running
                 )
                 for i, event in enumerate(relevant):
-                    if journey.entry.matches(event.as_context()):
+                    if routed.open and journey.entry.matches(event.as_context()):
                         start = await enroll(conn, journey, cid, event, relevant[i:], history)
                         if isinstance(start, Start):
                             plan.starts.append(start)
@@ -294,7 +295,7 @@ class EventRouter:
                 (sig.customer_id, sig.journey.id)
             ]
             for i, event in enumerate(sig.events):
-                if sig.journey.entry.matches(event.as_context()):
+                if sig.open and sig.journey.entry.matches(event.as_context()):
                     start = await enroll(
                         conn, sig.journey, sig.customer_id, event, sig.events[i:], history
                     )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -75,13 +75,41 @@ class JourneyRunPublic(BaseModel):
     steered: list[SteerRecord] = []
 
 
+class VersionPublic(BaseModel):
+    version: int
+    created_at: datetime
+    live_runs: int
+
+
 class JourneyPublic(BaseModel):
     id: str
     name: str
     status: str
     current_version: int
     live_runs: int
-    definition: dict[str, Any]
+    definition: dict[str, Any] | None
+    has_draft: bool = False
+    versions: list[VersionPublic] = []
+
+
+class ValidationReport(BaseModel):
+    valid: bool
+    errors: list[str]
+
+
+class LifecycleRequest(BaseModel):
+    in_flight: Literal["hold", "exit", "finish"] = Field(
+        default="hold",
+        description="pause: hold (wait before their next step until resumed) or exit; "
+        "archive: finish (runs go on to their end) or exit",
+    )
+    reason: str = Field(default="journey paused", max_length=500)
+
+
+class LifecycleResult(BaseModel):
+    id: str
+    status: str
+    runs_affected: int
 
 
 class EventPage(BaseModel):

@@ -84,6 +84,7 @@ class JourneyState(BaseModel):
     goal_at: datetime | None = None
     steer: SteerCommand | None = None
     closed_tasks: dict[str, str | None] = Field(default_factory=dict)
+    held: bool = Field(default=False, description="journey paused: hold before the next step")
     steered: list[SteerRecord] = Field(default_factory=list)
 
 
@@ -116,6 +117,7 @@ class RunSummary(BaseModel):
     history: list[StepRecord]
     results: dict[str, Any]
     steered: list[SteerRecord] = Field(default_factory=list)
+    held: bool = False
 
 
 class ProfileSnapshot(BaseModel):

@@ -103,8 +103,12 @@ class Journey(SQLModel, table=True):
     __tablename__ = "journeys"
     id: str = Field(primary_key=True, max_length=64)
     name: str
-    status: str = Field(max_length=16, description="active | paused | archived")
+    status: str = Field(max_length=16, description="draft | active | paused | archived")
     current_version: int
+    draft: dict[str, Any] | None = Field(
+        default=None, sa_column=sa.Column(JSONB, nullable=True), description="unpublished edit"
+    )
+    draft_updated_at: datetime | None = _ts(nullable=True, default=False)
     created_at: datetime | None = _ts()
     updated_at: datetime | None = _ts()
 

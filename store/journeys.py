@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -88,13 +89,15 @@ async def publish(conn: asyncpg.Connection | asyncpg.Pool, defn: JourneyDefiniti
             return int(row["version"])
         version = (row["version"] if row else 0) + 1
         pinned = defn.model_copy(update={"version": version})
-        if row is None:
-            await c.execute(
-                "INSERT INTO journeys (id, name, status, current_version) "
-                "VALUES ($1, $2, 'active', 0)",
-                defn.id,
-                defn.name,
-            )
+        # A first version makes a new (or draft-only) journey active; later versions keep
+        # the status a marketer chose (a paused journey stays paused).
+        await c.execute(
+            "INSERT INTO journeys (id, name, status, current_version) VALUES ($1, $2, 'active', 0) "
+            "ON CONFLICT (id) DO UPDATE SET status = CASE WHEN journeys.status = 'draft' "
+            "THEN 'active' ELSE journeys.status END",
+            defn.id,
+            defn.name,
+        )
         await c.execute(
             "INSERT INTO journey_versions (journey_id, version, definition, checksum) "
             "VALUES ($1, $2, $3, $4)",
@@ -111,6 +114,51 @@ async def publish(conn: asyncpg.Connection | asyncpg.Pool, defn: JourneyDefiniti
         )
         await c.execute("NOTIFY journeys_changed")
     return version
+
+
+@dataclass
+class RoutedJourney:
+    """What the router needs of a journey: the version new entries get, whether entries are
+    open, and every event any published version reacts to (runs keep their own version)."""
+
+    current: JourneyDefinition
+    status: str
+    keys: set[tuple[str, str | None]]
+
+    @property
+    def open(self) -> bool:
+        return self.status == "active"
+
+
+async def routed_journeys(conn: asyncpg.Connection | asyncpg.Pool) -> list[RoutedJourney]:
+    rows = await conn.fetch(
+        "SELECT j.id, j.status, j.current_version, v.version, v.definition FROM journeys j "
+        "JOIN journey_versions v ON v.journey_id = j.id WHERE j.status <> 'draft' "
+        "ORDER BY j.id, v.version"
+    )
+    out: dict[str, RoutedJourney] = {}
+    for r in rows:
+        defn = JourneyDefinition.model_validate(r["definition"])
+        keys = {(m.type, m.event) for m in [defn.entry, *defn.interesting()]}
+        if r["id"] not in out:
+            out[r["id"]] = RoutedJourney(defn, r["status"], set())
+        routed = out[r["id"]]
+        routed.keys |= keys
+        if r["version"] == r["current_version"]:
+            routed.current = defn
+    return list(out.values())
+
+
+async def save_draft(conn: asyncpg.Connection | asyncpg.Pool, journey_id: str, data: dict) -> None:
+    name = data.get("name") if isinstance(data.get("name"), str) else journey_id
+    await conn.execute(
+        "INSERT INTO journeys (id, name, status, current_version, draft, draft_updated_at) "
+        "VALUES ($1, $2, 'draft', 0, $3, now()) "
+        "ON CONFLICT (id) DO UPDATE SET draft = $3, draft_updated_at = now(), updated_at = now()",
+        journey_id,
+        name,
+        data,
+    )
 
 
 async def active_definitions(conn: asyncpg.Connection | asyncpg.Pool) -> list[JourneyDefinition]:

@@ -65,6 +65,12 @@ class JourneyWorkflow:
         self.state.pending.extend(events)
 
     @workflow.signal
+    def hold(self, held: bool) -> None:
+        """The journey was paused (True) or resumed (False)."""
+        self.state.held = held
+        self.publish_position()
+
+    @workflow.signal
     def task_closed(self, closed: TaskClosed) -> None:
         self.state.closed_tasks[str(closed.task_id)] = closed.outcome
 
@@ -112,6 +118,7 @@ class JourneyWorkflow:
             history=self.state.history,
             results=self.state.results,
             steered=self.state.steered,
+            held=self.state.held,
         )
 
     # -- the interpreter --------------------------------------------------------------
@@ -144,6 +151,15 @@ class JourneyWorkflow:
                         history_limit=self.history_limit,
                     )
                 )
+            if st.held:
+                # Paused journey: no step runs until it is resumed; exits still apply.
+                await workflow.wait_condition(
+                    lambda: not st.held
+                    or bool(st.pending)
+                    or st.steer is not None
+                    or self.continue_as_new_due()
+                )
+                continue
             step = self.journey.step(st.step_id)
             self.outcome = None
             target = await HANDLERS[step.kind](self, step)
@@ -304,6 +320,7 @@ class JourneyWorkflow:
         )
         until = f" until {st.step_deadline.isoformat()}" if st.step_deadline else ""
         reason = f" ({st.exit_reason})" if st.exit_reason else ""
+        reason += " · held (journey paused)" if st.held else ""
         workflow.set_current_details(
             f"**{self.journey.name}** v{self.journey.version} · customer `{self.customer_id}`\n\n"
             f"status: {st.status}{reason} · step: `{step}`{until} · sends: {st.send_seq}"

@@ -1,11 +1,14 @@
-"""Journey definitions (admin key): list, get, publish a new version."""
+"""Journeys (admin key): drafts, validation, versions, lifecycle, enrollment."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import APIRouter, Body, Response
+from temporalio.client import WorkflowUpdateFailedError
+from temporalio.service import RPCError
 
 from activities.enrollment import (
     Start,
@@ -18,24 +21,45 @@ from activities.enrollment import (
 from api.deps import AdminDep, PoolDep, SettingsDep, TemporalDep
 from api.errors import ApiError
 from models.journey import JourneyDefinition
-from models.public import EnrollmentPublic, EnrollRequest, JourneyPublic
-from models.runtime import JourneyEvent
-from store.journeys import DefinitionError, active_definitions, parse_definition, publish
+from models.public import (
+    EnrollmentPublic,
+    EnrollRequest,
+    JourneyPublic,
+    LifecycleRequest,
+    LifecycleResult,
+    ValidationReport,
+)
+from models.runtime import JourneyEvent, SteerCommand
+from store.journeys import (
+    DefinitionError,
+    active_definitions,
+    parse_definition,
+    publish,
+    save_draft,
+)
 from store.profiles import find_customer
 from workflows.journey import workflow_id_for
 
 router = APIRouter(prefix="/v1/journeys", tags=["journeys"], dependencies=[AdminDep])
 
 _LIST = """
-SELECT j.id, j.name, j.status, j.current_version, v.definition,
+SELECT j.id, j.name, j.status, j.current_version, v.definition, j.draft IS NOT NULL AS has_draft,
        (SELECT count(*) FROM journey_runs r WHERE r.journey_id = j.id AND r.status = 'running')
-         AS live_runs
-FROM journeys j JOIN journey_versions v ON v.journey_id = j.id AND v.version = j.current_version
+         AS live_runs,
+       coalesce((SELECT json_agg(json_build_object(
+                  'version', x.version, 'created_at', x.created_at,
+                  'live_runs', (SELECT count(*) FROM journey_runs r WHERE r.journey_id = j.id
+                                AND r.journey_version = x.version AND r.status = 'running'))
+                  ORDER BY x.version)
+                 FROM journey_versions x WHERE x.journey_id = j.id), '[]') AS versions
+FROM journeys j
+LEFT JOIN journey_versions v ON v.journey_id = j.id AND v.version = j.current_version
 """
 
 
 @router.get("", response_model=list[JourneyPublic])
 async def list_journeys(pool: PoolDep) -> list[JourneyPublic]:
+    """Every journey with its status, versions and live runs (per version)."""
     return [
         JourneyPublic.model_validate(dict(r)) for r in await pool.fetch(_LIST + " ORDER BY j.id")
     ]
@@ -116,6 +140,135 @@ async def enroll_customer(
         status="running",
         created=True,
     )
+
+
+def _report(data: dict[str, Any]) -> ValidationReport:
+    try:
+        parse_definition(data)
+    except DefinitionError as err:
+        return ValidationReport(
+            valid=False, errors=str(err).removeprefix("definition: ").split("; ")
+        )
+    return ValidationReport(valid=True, errors=[])
+
+
+@router.put("/{journey_id}/draft", response_model=ValidationReport)
+async def save_journey_draft(
+    journey_id: str, pool: PoolDep, definition: dict[str, Any] = Body(...)
+) -> ValidationReport:
+    """Create or update the draft (kept even when invalid; the report says what to fix)."""
+    if definition.get("id", journey_id) != journey_id:
+        raise ApiError(400, "invalid_definition", f"id: {definition['id']!r} is not {journey_id!r}")
+    data = {**definition, "id": journey_id}
+    await save_draft(pool, journey_id, data)
+    return _report(data)
+
+
+@router.get("/{journey_id}/draft")
+async def get_journey_draft(journey_id: str, pool: PoolDep) -> dict[str, Any]:
+    draft = await pool.fetchval("SELECT draft FROM journeys WHERE id = $1", journey_id)
+    if draft is None:
+        raise ApiError(404, "not_found", f"journey {journey_id!r} has no draft")
+    return draft
+
+
+@router.post("/{journey_id}/validate", response_model=ValidationReport)
+async def validate_journey(
+    journey_id: str, pool: PoolDep, definition: dict[str, Any] | None = Body(None)
+) -> ValidationReport:
+    """Dry run: validate the given definition, or the draft; nothing is stored."""
+    data = definition
+    if data is None:
+        data = await pool.fetchval("SELECT draft FROM journeys WHERE id = $1", journey_id)
+        if data is None:
+            raise ApiError(404, "not_found", f"journey {journey_id!r} has no draft")
+    return _report({**data, "id": journey_id})
+
+
+@router.post("/{journey_id}/publish", response_model=JourneyPublic)
+async def publish_journey_draft(journey_id: str, pool: PoolDep) -> JourneyPublic:
+    """Publish the draft as a new immutable version; runs in flight keep theirs."""
+    draft = await pool.fetchval("SELECT draft FROM journeys WHERE id = $1", journey_id)
+    if draft is None:
+        raise ApiError(404, "not_found", f"journey {journey_id!r} has no draft")
+    try:
+        defn = parse_definition(draft)
+    except DefinitionError as err:
+        raise ApiError(400, "invalid_definition", str(err)) from None
+    await publish(pool, defn)
+    await pool.execute("UPDATE journeys SET draft = NULL WHERE id = $1", journey_id)
+    return await get_journey(journey_id, pool)
+
+
+async def _signal_runs(pool: PoolDep, temporal: TemporalDep, journey_id: str, act: Any) -> int:
+    rows = await pool.fetch(
+        "SELECT workflow_id, run_id FROM journey_runs WHERE journey_id = $1 AND status = 'running'",
+        journey_id,
+    )
+    sem = asyncio.Semaphore(32)
+
+    async def one(row: Any) -> bool:
+        async with sem:
+            try:
+                await act(temporal.get_workflow_handle(row["workflow_id"], run_id=row["run_id"]))
+                return True
+            except (RPCError, WorkflowUpdateFailedError):
+                return False  # finished meanwhile
+
+    return sum(await asyncio.gather(*(one(r) for r in rows)))
+
+
+async def _set_status(pool: PoolDep, journey_id: str, status: str, allowed: set[str]) -> None:
+    current = await pool.fetchval("SELECT status FROM journeys WHERE id = $1", journey_id)
+    if current is None:
+        raise ApiError(404, "not_found", f"no journey {journey_id!r}")
+    if current not in allowed:
+        raise ApiError(409, "invalid_state", f"journey {journey_id!r} is {current}")
+    await pool.execute(
+        "UPDATE journeys SET status = $2, updated_at = now() WHERE id = $1", journey_id, status
+    )
+    await pool.execute("NOTIFY journeys_changed")
+
+
+def _exit(reason: str) -> Any:
+    cmd = SteerCommand(action="exit", reason=reason, by="journey lifecycle")
+    return lambda h: h.execute_update("steer", cmd)
+
+
+@router.post("/{journey_id}/pause", response_model=LifecycleResult)
+async def pause_journey(
+    journey_id: str, pool: PoolDep, temporal: TemporalDep, body: LifecycleRequest | None = None
+) -> LifecycleResult:
+    """No new entries. Customers in flight either hold before their next step until the
+    journey is resumed (`hold`, the default) or exit now (`exit`). Nobody is dropped silently."""
+    body = body or LifecycleRequest()
+    if body.in_flight == "finish":
+        raise ApiError(400, "invalid_request", "in_flight: pause takes hold or exit")
+    await _set_status(pool, journey_id, "paused", {"active", "paused"})
+    act = _exit(body.reason) if body.in_flight == "exit" else (lambda h: h.signal("hold", True))
+    n = await _signal_runs(pool, temporal, journey_id, act)
+    return LifecycleResult(id=journey_id, status="paused", runs_affected=n)
+
+
+@router.post("/{journey_id}/resume", response_model=LifecycleResult)
+async def resume_journey(journey_id: str, pool: PoolDep, temporal: TemporalDep) -> LifecycleResult:
+    await _set_status(pool, journey_id, "active", {"paused"})
+    n = await _signal_runs(pool, temporal, journey_id, lambda h: h.signal("hold", False))
+    return LifecycleResult(id=journey_id, status="active", runs_affected=n)
+
+
+@router.post("/{journey_id}/archive", response_model=LifecycleResult)
+async def archive_journey(
+    journey_id: str, pool: PoolDep, temporal: TemporalDep, body: LifecycleRequest | None = None
+) -> LifecycleResult:
+    """No new entries, ever; runs in flight `finish` (also released if held) or `exit`."""
+    body = body or LifecycleRequest(in_flight="finish", reason="journey archived")
+    if body.in_flight == "hold":
+        raise ApiError(400, "invalid_request", "in_flight: archive takes finish or exit")
+    await _set_status(pool, journey_id, "archived", {"active", "paused", "draft"})
+    act = _exit(body.reason) if body.in_flight == "exit" else (lambda h: h.signal("hold", False))
+    n = await _signal_runs(pool, temporal, journey_id, act)
+    return LifecycleResult(id=journey_id, status="archived", runs_affected=n)
 
 
 @router.post("", response_model=JourneyPublic)

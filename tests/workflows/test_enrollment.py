@@ -101,7 +101,7 @@ async def test_an_interrupted_start_is_recovered_from_its_enrollment_row(db, ts_
         await eng.publish(ONBOARD)
         await eng.send(identify("rc"))
         cid = await eng.customer("rc")
-        defn = eng.router._journeys[0]
+        defn = eng.router._journeys[0].current
         from activities.enrollment import enroll, load_history
         from models.runtime import JourneyEvent
 
