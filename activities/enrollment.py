@@ -13,6 +13,7 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import asyncpg
 import structlog
@@ -23,6 +24,7 @@ from temporalio.common import (
     WorkflowIDConflictPolicy,
     WorkflowIDReusePolicy,
 )
+from temporalio.exceptions import WorkflowAlreadyStartedError
 
 from core.temporal import CUSTOMER_ID, JOURNEY_ID, JOURNEY_STATUS, JOURNEY_STEP, JOURNEY_VERSION
 from models.conditions import resolve
@@ -57,6 +59,8 @@ class LiveRun:
     workflow_id: str
     enrollment_id: str
     run_key: str | None
+    version: int = 0
+    entry: JourneyEvent | None = None
 
 
 @dataclass
@@ -77,12 +81,15 @@ async def load_history(
 ) -> dict[tuple[str, str], RunHistory]:
     out: dict[tuple[str, str], RunHistory] = defaultdict(RunHistory)
     for r in await conn.fetch(
-        "SELECT customer_id, journey_id, workflow_id, enrollment_id, status, started_at, run_key "
-        "FROM journey_runs WHERE customer_id = ANY($1::text[])",
+        "SELECT customer_id, journey_id, workflow_id, enrollment_id, status, started_at, run_key, "
+        "journey_version, entry FROM journey_runs WHERE customer_id = ANY($1::text[])",
         customer_ids,
     ):
         h = out[(r["customer_id"], r["journey_id"])]
-        run = LiveRun(r["workflow_id"], r["enrollment_id"], r["run_key"])
+        entry = JourneyEvent.model_validate(r["entry"]) if r["entry"] else None
+        run = LiveRun(
+            r["workflow_id"], r["enrollment_id"], r["run_key"], r["journey_version"], entry
+        )
         if r["status"] == "running":
             h.running.append(run)
         elif r["status"] == "starting":
@@ -149,23 +156,53 @@ async def enroll(
     return Start(journey, customer_id, enrollment, wid, events)
 
 
-async def start_run(client: Client, task_queue: str, history_limit: int, start: Start) -> str:
-    """Signal-with-start: starts the run, or joins it if this enrollment already started."""
+async def start_run(
+    client: Client, task_queue: str, history_limit: int, start: Start
+) -> str | None:
+    """Start the run with its events; if this enrollment's run already exists, join it.
+
+    If another run of the same workflow id is still open (the previous enrollment is closing),
+    the events go to it (it releases them back to the router when it ends) and this
+    enrollment stays `starting`, to be started once that run has closed. Returns the run id,
+    or None when deferred.
+    """
     journey, cid = start.journey, start.customer_id
-    handle = await client.start_workflow(
+    try:
+        handle = await _start(client, task_queue, history_limit, start)
+    except WorkflowAlreadyStartedError:
+        existing = client.get_workflow_handle(start.workflow_id)
+        desc = await existing.describe()
+        memo = await desc.memo()
+        await existing.signal("events", start.events)
+        if memo.get("enrollment") != start.enrollment_id:
+            log.info("journey.entry_deferred", workflow_id=start.workflow_id, customer_id=cid)
+            return None
+        start.run_id = desc.run_id
+        return desc.run_id
+    assert handle.result_run_id is not None
+    start.run_id = handle.result_run_id
+    log.info(
+        "journey.entered", customer_id=cid, journey_id=journey.id, workflow_id=start.workflow_id,
+        version=journey.version,
+    )  # fmt: skip
+    return handle.result_run_id
+
+
+async def _start(client: Client, task_queue: str, history_limit: int, start: Start) -> Any:
+    journey, cid = start.journey, start.customer_id
+    return await client.start_workflow(
         "JourneyWorkflow",
         JourneyRunInput(
             journey=journey,
             customer_id=cid,
             enrollment_id=start.enrollment_id,
             history_limit=history_limit,
+            events=start.events,
         ),
         id=start.workflow_id,
         task_queue=task_queue,
-        start_signal="events",
-        start_signal_args=[start.events],
         id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
-        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
         search_attributes=TypedSearchAttributes(
             [
                 SearchAttributePair(CUSTOMER_ID, cid),
@@ -175,16 +212,14 @@ async def start_run(client: Client, task_queue: str, history_limit: int, start: 
                 SearchAttributePair(JOURNEY_STATUS, "running"),
             ]
         ),
-        memo={"journey": journey.name, "version": journey.version, "customer": cid},
+        memo={
+            "journey": journey.name,
+            "version": journey.version,
+            "customer": cid,
+            "enrollment": start.enrollment_id,
+        },
         static_summary=f"{journey.name} v{journey.version} for customer {cid}",
     )
-    assert handle.result_run_id is not None
-    start.run_id = handle.result_run_id
-    log.info(
-        "journey.entered", customer_id=cid, journey_id=journey.id, workflow_id=start.workflow_id,
-        version=journey.version,
-    )  # fmt: skip
-    return handle.result_run_id
 
 
 async def mark_started(conn: asyncpg.Connection | asyncpg.Pool, starts: list[Start]) -> None:

@@ -27,6 +27,7 @@ from models.runtime import (
     WebhookRequest,
     WebhookResult,
 )
+from store.events import NOTIFY_CHANNEL
 from store.profiles import profile_stats
 
 log = structlog.stdlib.get_logger("activities")
@@ -117,6 +118,15 @@ class JourneyActivities:
         bound.info("send.done", channel=req.channel, status=delivery.status, message_id=row["id"])
         return SendResult(message_id=row["id"], status=delivery.status, duplicate=False)
 
+    @activity.defn(name="release_events")
+    async def release_events(self, message_ids: list[str]) -> None:
+        """Hand events a finished run did not use back to the router (routed again)."""
+        await self.pool.execute(
+            "UPDATE events SET routed_at = NULL WHERE message_id = ANY($1::text[])",
+            message_ids,
+        )
+        await self.pool.execute(f"NOTIFY {NOTIFY_CHANNEL}")
+
     @activity.defn(name="record_run_finished")
     async def record_run_finished(self, done: RunFinished) -> None:
         await self.pool.execute(
@@ -129,6 +139,8 @@ class JourneyActivities:
             done.arm,
             done.holdout,
         )
+        if done.release:  # after the row says ended, so the router may enter them anew
+            await self.release_events(done.release)
 
     @activity.defn(name="update_profile")
     async def update_profile(self, upd: ProfileUpdate) -> None:
@@ -259,4 +271,5 @@ class JourneyActivities:
             self.call_webhook,
             self.resolve_wait,
             self.create_task,
+            self.release_events,
         ]

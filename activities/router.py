@@ -247,10 +247,12 @@ class EventRouter:
                 history = histories[(cid, journey.id)]
                 # Written, but the router stopped before recording the start: start again
                 # (signal-with-start joins the run if it did start).
-                plan.starts.extend(
-                    Start(journey, cid, r.enrollment_id, r.workflow_id, relevant)
-                    for r in history.starting
-                )
+                for r in history.starting:
+                    pinned = await self._version(journey, r.version)
+                    own = [r.entry] if r.entry and r.entry not in relevant else []
+                    plan.starts.append(
+                        Start(pinned, cid, r.enrollment_id, r.workflow_id, own + relevant)
+                    )
                 plan.signals.extend(
                     _Signal(r.workflow_id, r.enrollment_id, journey, cid, relevant, routed.open)
                     for r in history.running
@@ -275,6 +277,17 @@ class EventRouter:
             with contextlib.suppress(RPCError):
                 await self.client.get_workflow_handle(workflow_id).signal("reassign", customer_id)
 
+    async def _version(self, current: JourneyDefinition, version: int) -> JourneyDefinition:
+        """The definition a run is pinned to (usually the current one)."""
+        if version in (0, current.version):
+            return current
+        data = await self.pool.fetchval(
+            "SELECT definition FROM journey_versions WHERE journey_id = $1 AND version = $2",
+            current.id,
+            version,
+        )
+        return JourneyDefinition.model_validate(data) if data else current
+
     async def _signal(self, sig: _Signal) -> None:
         try:
             async with self._sem:
@@ -284,24 +297,29 @@ class EventRouter:
             if err.status != RPCStatusCode.NOT_FOUND:
                 raise
         # The run has ended (finished just now, or was terminated by an operator): record
-        # that, and enter again if these events trigger the journey.
-        async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute(
-                "UPDATE journey_runs SET status = 'ended', ended_at = now() "
-                "WHERE enrollment_id = $1 AND status IN ('starting', 'running')",
-                sig.enrollment_id,
-            )
-            history = (await load_history(conn, [sig.customer_id]))[
-                (sig.customer_id, sig.journey.id)
-            ]
-            for i, event in enumerate(sig.events):
-                if sig.open and sig.journey.entry.matches(event.as_context()):
-                    start = await enroll(
-                        conn, sig.journey, sig.customer_id, event, sig.events[i:], history
-                    )
-                    if isinstance(start, Start):
-                        await self._start(start)
-                        await mark_started(conn, [start])
+        # that, and enter again if these events trigger the journey. The enrollment is
+        # committed before Temporal is called, as in route_once.
+        starts: list[Start] = []
+        async with self.pool.acquire() as conn:
+            async with conn.transaction():
+                await conn.execute(
+                    "UPDATE journey_runs SET status = 'ended', ended_at = now() "
+                    "WHERE enrollment_id = $1 AND status IN ('starting', 'running')",
+                    sig.enrollment_id,
+                )
+                history = (await load_history(conn, [sig.customer_id]))[
+                    (sig.customer_id, sig.journey.id)
+                ]
+                for i, event in enumerate(sig.events):
+                    if sig.open and sig.journey.entry.matches(event.as_context()):
+                        start = await enroll(
+                            conn, sig.journey, sig.customer_id, event, sig.events[i:], history
+                        )
+                        if isinstance(start, Start):
+                            starts.append(start)
+            for start in starts:
+                await self._start(start)
+            await mark_started(conn, starts)
 
     async def _start(self, start: Start) -> None:
         async with self._sem:

@@ -85,6 +85,9 @@ class JourneyState(BaseModel):
     steer: SteerCommand | None = None
     closed_tasks: dict[str, str | None] = Field(default_factory=dict)
     held: bool = Field(default=False, description="journey paused: hold before the next step")
+    unused: list[str] = Field(
+        default_factory=list, description="ids of events that came after the end, to release"
+    )
     steered: list[SteerRecord] = Field(default_factory=list)
 
 
@@ -94,6 +97,9 @@ class JourneyRunInput(BaseModel):
     enrollment_id: str
     state: JourneyState | None = None
     history_limit: int = 2000
+    events: list[JourneyEvent] = Field(
+        default_factory=list, description="the entry event and what came with it"
+    )
 
 
 class JourneyRunResult(BaseModel):
@@ -158,6 +164,7 @@ class RunFinished(BaseModel):
     goal_at: datetime | None = None
     arm: str | None = None
     holdout: bool = False
+    release: list[str] = Field(default_factory=list, description="event ids to route again")
 
 
 class ProfileUpdate(BaseModel):

@@ -57,6 +57,8 @@ class JourneyWorkflow:
         self.state: JourneyState = inp.state or JourneyState(
             enrollment_id=inp.enrollment_id, entered_at=workflow.now()
         )
+        if inp.state is None:
+            self.state.pending.extend(inp.events)
         self.outcome: str | None = None
 
     # -- signals, queries -------------------------------------------------------------
@@ -154,10 +156,12 @@ class JourneyWorkflow:
             if st.held:
                 # Paused journey: no step runs until it is resumed; exits still apply.
                 await workflow.wait_condition(
-                    lambda: not st.held
-                    or bool(st.pending)
-                    or st.steer is not None
-                    or self.continue_as_new_due()
+                    lambda: (
+                        not st.held
+                        or bool(st.pending)
+                        or st.steer is not None
+                        or self.continue_as_new_due()
+                    )
                 )
                 continue
             step = self.journey.step(st.step_id)
@@ -170,6 +174,9 @@ class JourneyWorkflow:
         st.step_id = None  # the history keeps where the run ended
         st.step_deadline = None
         self.publish_position()
+        # Events this run will not use (they came with or after its end) go back to the
+        # router, which may start a new run with them (e.g. a new cart right after an order).
+        release = self._leftovers()
         await workflow.execute_activity(
             "record_run_finished",
             RunFinished(
@@ -182,12 +189,22 @@ class JourneyWorkflow:
                 goal_at=st.goal_at,
                 arm=st.arm,
                 holdout=st.holdout,
+                release=release,
             ),
             start_to_close_timeout=DB_ACTIVITY_TIMEOUT,
             retry_policy=ACTIVITY_RETRY,
             summary="record run finished",
         )
         await workflow.wait_condition(workflow.all_handlers_finished)
+        while late := self._leftovers():
+            await workflow.execute_activity(
+                "release_events",
+                late,
+                start_to_close_timeout=DB_ACTIVITY_TIMEOUT,
+                retry_policy=ACTIVITY_RETRY,
+                summary="release events",
+            )
+            await workflow.wait_condition(workflow.all_handlers_finished)
         self._log("journey.finished", status=st.status, reason=st.exit_reason)
         return JourneyRunResult(
             status=st.status,
@@ -238,6 +255,15 @@ class JourneyWorkflow:
 
     def _take_entry(self) -> None:
         st = self.state
+        # The enrollment id is the workflow id + ":" + the entry event's messageId.
+        own = st.enrollment_id.removeprefix(workflow.info().workflow_id + ":")
+        mine = [i for i, e in enumerate(st.pending) if e.message_id == own]
+        if mine:
+            i = mine[0]
+            st.entry = st.pending[i]
+            st.seen.append(st.entry.message_id)
+            del st.pending[: i + 1]
+            return
         for i, event in enumerate(st.pending):
             # An API enrollment carries its context as an `enroll` event.
             if event.type == "enroll" or self.journey.entry.matches(event.as_context()):
@@ -246,16 +272,25 @@ class JourneyWorkflow:
                 del st.pending[: i + 1]
                 return
 
-    def _drain(self) -> None:
+    def _leftovers(self) -> list[str]:
         st = self.state
-        if not st.pending:
-            return
-        pending, st.pending = st.pending, []
-        for event in pending:
+        ids = st.unused + [e.message_id for e in st.pending if e.message_id not in st.seen]
+        st.unused = []
+        st.pending = []
+        return ids
+
+    def _drain(self) -> None:
+        """Apply pending events in order. Stops after an event the current step may consume
+        (wait_for), so the step sees events one at a time, as if they came one by one."""
+        st = self.state
+        consuming = st.step_id is not None and self.journey.step(st.step_id).kind == "wait_for"
+        while st.pending:
+            event = st.pending.pop(0)
             if event.message_id in st.seen:
                 continue  # delivered twice (outbox relay retried): applied once
             st.seen.append(event.message_id)
             if st.status != "running":
+                st.unused.append(event.message_id)
                 continue
             ctx = event.as_context()
             goal = self.journey.goal
@@ -278,6 +313,8 @@ class JourneyWorkflow:
                 continue
             st.inbox.append(event)
             st.received.append(event)
+            if consuming:
+                break
         del st.seen[:-SEEN_LIMIT]
         del st.inbox[:-INBOX_LIMIT]
         del st.received[:-INBOX_LIMIT]

@@ -74,6 +74,8 @@ async def _wait_until_deadline(run: JourneyWorkflow, wake: Callable[[], bool], l
     remaining = (deadline - workflow.now()).total_seconds()
     if remaining <= 0:
         return True
+    if wake():
+        return False  # events to apply first: no timer needed for this round
     try:
         await workflow.wait_condition(
             lambda: wake() or run.continue_as_new_due() or run.state.steer is not None,
@@ -381,10 +383,12 @@ async def handoff(run: JourneyWorkflow, step: HandoffStep) -> str:
                 return _after(run, step, step.on_timeout or step.next)
         else:
             await workflow.wait_condition(
-                lambda: bool(st.pending)
-                or closed()
-                or st.steer is not None
-                or run.continue_as_new_due()
+                lambda: (
+                    bool(st.pending)
+                    or closed()
+                    or st.steer is not None
+                    or run.continue_as_new_due()
+                )
             )
         if not closed():
             return STAY

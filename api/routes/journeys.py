@@ -126,7 +126,7 @@ async def enroll_customer(
             start = await enroll(conn, defn, cid, entry, [entry], history)
             if not isinstance(start, Start):
                 raise ApiError(409, "not_enrolled", f"customer {body.customer!r}: {start}")
-        await start_run(
+        run_id = await start_run(
             temporal, settings.temporal_task_queue, settings.journey_history_limit, start
         )
         await mark_started(conn, [start])
@@ -137,7 +137,7 @@ async def enroll_customer(
         customer_id=cid,
         journey_id=journey_id,
         version=defn.version,
-        status="running",
+        status="running" if run_id else "starting",
         created=True,
     )
 

@@ -174,3 +174,45 @@ async def test_reentry_never_enters_once(db, ts_env: WorkflowEnvironment):
         await eng.send(track("f", "Started"))
         assert len(await eng.messages("f")) == 1
         assert await db.fetchval("SELECT count(*) FROM journey_runs") == 1
+
+
+async def test_two_events_in_one_batch_count_as_two(db, ts_env):
+    twice = _journey(
+        "two_clicks",
+        [
+            {"id": "first", "kind": "wait_for", "timeout": "1h", "events": [{"event": "Clicked"}]},
+            {
+                "id": "second",
+                "kind": "wait_for",
+                "timeout": "1h",
+                "on_timeout": "end",
+                "events": [{"event": "Clicked", "next": "clicked_twice"}],
+            },
+            {"id": "clicked_twice", "kind": "send", "template": {"body": "two clicks"}},
+        ],
+    )
+    async with engine(db, ts_env) as eng:
+        await eng.publish(twice)
+        # One router chunk: the entry and both clicks reach the run in one delivery.
+        await eng.send(track("t2", "Started"), track("t2", "Clicked"), track("t2", "Clicked"))
+        result = await eng.result(await eng.run("two_clicks", "t2"))
+        assert result.steps == ["first", "second", "clicked_twice"]
+
+
+async def test_an_entry_that_arrives_as_the_run_ends_starts_a_new_run(db, ts_env):
+    async with engine(db, ts_env) as eng:
+        await eng.publish_examples()
+        await eng.send(track("nc", "Product Added", name="Old cart"))
+        first = await eng.run("cart_recovery", "nc")
+        # An order ends the run; a new cart comes in the same delivery, right after it.
+        await eng.send(track("nc", "Order Completed"), track("nc", "Product Added", name="New"))
+        assert (await eng.result(first)).status == "exited"
+        # The finished run handed the new cart back to the router, which starts a new run.
+        assert await eng.router.route_once() == 1
+        rows = await db.fetch("SELECT status FROM journey_runs ORDER BY started_at")
+        assert [r["status"] for r in rows] == ["exited", "running"]
+        second = await eng.run("cart_recovery", "nc")
+        result = await eng.result(second)
+        assert (result.status, result.sends) == ("completed", 2)
+        subjects = [m["subject"] for m in await eng.messages("nc")]
+        assert subjects == ["New is still in your cart", "Last chance: New"]
