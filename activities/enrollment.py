@@ -138,16 +138,20 @@ async def enroll(
         return why
     wid = workflow_id_for(journey.id, customer_id, key)
     enrollment = f"{wid}:{entry.message_id}"
-    status = await conn.fetchval(
-        _ENROLL,
-        enrollment,
-        wid,
-        journey.id,
-        journey.version,
-        customer_id,
-        key,
-        entry.model_dump(mode="json"),
-    )
+    try:
+        async with conn.transaction():  # a savepoint: a refusal leaves the caller's work intact
+            status = await conn.fetchval(
+                _ENROLL,
+                enrollment,
+                wid,
+                journey.id,
+                journey.version,
+                customer_id,
+                key,
+                entry.model_dump(mode="json"),
+            )
+    except asyncpg.UniqueViolationError:
+        return "already in this journey"  # enrolled concurrently (router vs enroll API)
     if status not in ("starting", "running"):
         return "this entry already ran to its end"
     history.starting.append(LiveRun(wid, enrollment, key))

@@ -73,6 +73,7 @@ class JourneyActivities:
         if channel is None:
             raise ApplicationError(f"unknown channel {req.channel!r}", type="InvalidRequest")
         profile = await self._profile(req.customer_id, stats=False)
+        customer_id = profile.customer_id  # the survivor, if the customer was merged meanwhile
         ctx = {
             "profile": profile.traits,
             "customer": profile.as_context(),
@@ -94,7 +95,7 @@ class JourneyActivities:
             "DO UPDATE SET idempotency_key = EXCLUDED.idempotency_key "
             "RETURNING id, status",
             req.idempotency_key,
-            req.customer_id,
+            customer_id,
             req.journey_id,
             req.journey_version,
             req.step_id,
@@ -108,7 +109,7 @@ class JourneyActivities:
             bound.info("send.duplicate", status=row["status"])
             return SendResult(message_id=row["id"], status=row["status"], duplicate=True)
         delivery = await channel.deliver(
-            RenderedMessage(req.idempotency_key, req.customer_id, req.channel, subject, body)
+            RenderedMessage(req.idempotency_key, customer_id, req.channel, subject, body)
         )
         await self.pool.execute(
             "UPDATE messages SET status = $2, sent_at = now() WHERE id = $1",
@@ -154,7 +155,9 @@ class JourneyActivities:
             if not first:
                 return
             row = await conn.fetchrow(
-                "SELECT traits FROM customers WHERE id = $1 FOR UPDATE", upd.customer_id
+                "SELECT c.id, c.traits FROM customers c WHERE c.id = "
+                "(SELECT coalesce(merged_into, id) FROM customers WHERE id = $1) FOR UPDATE",
+                upd.customer_id,
             )
             if row is None:
                 raise ApplicationError(
@@ -179,7 +182,7 @@ class JourneyActivities:
                 traits["tags"] = [t for t in tags if t not in upd.remove_tags]
             await conn.execute(
                 "UPDATE customers SET traits = $2, updated_at = now() WHERE id = $1",
-                upd.customer_id,
+                row["id"],
                 traits,
             )
 

@@ -13,4 +13,11 @@ __all__ = ["TemplateError", "render"]
 
 
 def render(source: str, context: dict[str, Any]) -> str:
-    return _env.from_string(source).render(**context)
+    """Any failure while rendering (a missing variable, `"x" + 1`, a division by zero in the
+    customer's data) is a TemplateError: the send fails for good instead of retrying forever."""
+    try:
+        return _env.from_string(source).render(**context)
+    except TemplateError:
+        raise
+    except Exception as err:
+        raise TemplateError(f"{type(err).__name__}: {err}") from err

@@ -26,12 +26,12 @@ from typing import Any
 
 import asyncpg
 import structlog
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowUpdateFailedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.enrollment import Start, enroll, load_history, mark_started, start_run
 from models.journey import EventMatch, JourneyDefinition
-from models.runtime import JourneyEvent
+from models.runtime import JourneyEvent, SteerCommand
 from store.events import NOTIFY_CHANNEL
 from store.journeys import RoutedJourney, routed_journeys
 from store.profiles import StoredEvent, resolve_and_apply
@@ -39,6 +39,7 @@ from store.profiles import StoredEvent, resolve_and_apply
 log = structlog.stdlib.get_logger("router")
 
 LEADER_LOCK = 7_270_001
+CHUNK_LOCK = 7_270_002
 SWEEP_SECONDS = 30.0
 _SELECT = """
 SELECT id, message_id, type, event, user_id, anonymous_id, previous_id, timestamp, payload
@@ -86,6 +87,7 @@ class _Plan:
     signals: list[_Signal] = field(default_factory=list)
     starts: list[Start] = field(default_factory=list)
     reassign: list[tuple[str, str]] = field(default_factory=list)
+    end_duplicates: list[tuple[str, str]] = field(default_factory=list)
 
 
 class EventRouter:
@@ -210,23 +212,32 @@ class EventRouter:
             self._journeys_stale = False
             self._journeys = await routed_journeys(self.pool)
         async with self.pool.acquire() as conn:
-            async with conn.transaction():
-                rows = await conn.fetch(_SELECT, self.batch_size)
-                if not rows:
-                    return 0
-                events = [StoredEvent(**dict(r)) for r in rows]
-                resolution = await resolve_and_apply(conn, events)
-                plan = await self._plan(conn, events)
-                plan.reassign = [
-                    (w, m.survivor) for m in resolution.merges for w in m.moved_running
-                ]
-            await self._execute(plan)
-            async with conn.transaction():
-                await mark_started(conn, plan.starts)
-                await conn.execute(
-                    "UPDATE events SET routed_at = now() WHERE id = ANY($1::bigint[])",
-                    [e.id for e in events],
-                )
+            # Held for the whole chunk on this connection: if leadership was lost and another
+            # router took over, this one routes nothing rather than the same chunk twice.
+            if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", CHUNK_LOCK):
+                return 0
+            try:
+                return await self._route_chunk(conn)
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock($1)", CHUNK_LOCK)
+
+    async def _route_chunk(self, conn: asyncpg.Connection) -> int:
+        async with conn.transaction():
+            rows = await conn.fetch(_SELECT, self.batch_size)
+            if not rows:
+                return 0
+            events = [StoredEvent(**dict(r)) for r in rows]
+            resolution = await resolve_and_apply(conn, events)
+            plan = await self._plan(conn, events)
+            plan.reassign = [(w, m.survivor) for m in resolution.merges for w in m.moved_running]
+            plan.end_duplicates = [(w, m.survivor) for m in resolution.merges for w in m.duplicates]
+        await self._execute(plan)
+        async with conn.transaction():
+            await mark_started(conn, plan.starts)
+            await conn.execute(
+                "UPDATE events SET routed_at = now() WHERE id = ANY($1::bigint[])",
+                [e.id for e in events],
+            )
         log.debug("router.routed", events=len(events), starts=len(plan.starts))
         return len(events)
 
@@ -269,8 +280,15 @@ class EventRouter:
         calls: list[Any] = [self._start(s) for s in plan.starts]
         calls += [self._signal(s) for s in plan.signals]
         calls += [self._reassign(wid, cid) for wid, cid in plan.reassign]
+        calls += [self._end_duplicate(wid, cid) for wid, cid in plan.end_duplicates]
         if calls:
             await asyncio.gather(*calls)
+
+    async def _end_duplicate(self, workflow_id: str, survivor: str) -> None:
+        cmd = SteerCommand(action="exit", reason=f"merged into {survivor}", by="router")
+        async with self._sem:
+            with contextlib.suppress(RPCError, WorkflowUpdateFailedError):
+                await self.client.get_workflow_handle(workflow_id).execute_update("steer", cmd)
 
     async def _reassign(self, workflow_id: str, customer_id: str) -> None:
         async with self._sem:

@@ -56,4 +56,7 @@ def date_from(
         return WaitResolution(deadline=None, note=f"not a date at {path}: {value!r}")
     if when.tzinfo is None:
         when = when.replace(tzinfo=ZoneInfo("UTC"))
-    return WaitResolution(deadline=when + signed_duration(offset))
+    try:
+        return WaitResolution(deadline=when + signed_duration(offset))
+    except OverflowError:
+        return WaitResolution(deadline=None, note=f"date out of range at {path}: {value!r}")

@@ -132,6 +132,13 @@ class JourneyRun(SQLModel, table=True):
     __table_args__ = (
         sa.Index("ix_runs_customer_status", "customer_id", "status"),
         sa.Index("ix_runs_journey_customer", "journey_id", "customer_id"),
+        # One live run per workflow id, whoever enrolls (router, enroll API) and however fast.
+        sa.Index(
+            "ux_runs_live_workflow",
+            "workflow_id",
+            unique=True,
+            postgresql_where=sa.text("status IN ('starting', 'running')"),
+        ),
     )
     enrollment_id: str = Field(
         primary_key=True, max_length=1024, description="workflow id + entry event messageId"

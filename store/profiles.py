@@ -43,6 +43,7 @@ class Merge:
     loser: str
     survivor: str
     moved_running: list[str] = field(default_factory=list)
+    duplicates: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -187,12 +188,32 @@ async def _merge(
         await conn.execute(
             f"UPDATE {table} SET customer_id = $2 WHERE customer_id = $1", loser, survivor
         )
+    live = {
+        (r["journey_id"], r["run_key"])
+        for r in await conn.fetch(
+            "SELECT journey_id, run_key FROM journey_runs WHERE customer_id = $1 "
+            "AND status IN ('starting', 'running')",
+            survivor,
+        )
+    }
     moved = await conn.fetch(
         "UPDATE journey_runs SET customer_id = $2 WHERE customer_id = $1 "
-        "RETURNING workflow_id, status",
+        "RETURNING enrollment_id, workflow_id, status, journey_id, run_key",
         loser,
         survivor,
     )
+    # The survivor is already in that journey: the merged-away run ends, or it would send
+    # every message a second time.
+    duplicate = [
+        r for r in moved
+        if r["status"] in ("starting", "running") and (r["journey_id"], r["run_key"]) in live
+    ]  # fmt: skip
+    if duplicate:
+        await conn.execute(
+            "UPDATE journey_runs SET status = 'exited', exit_reason = 'merged', ended_at = now() "
+            "WHERE enrollment_id = ANY($1::text[])",
+            [r["enrollment_id"] for r in duplicate],
+        )
     # Customers merged into the loser earlier now lead to the survivor too (one hop, always).
     await conn.execute(
         "UPDATE customers SET merged_into = $2 WHERE id = $1 OR merged_into = $1", loser, survivor
@@ -200,8 +221,20 @@ async def _merge(
     for k, v in list(owner.items()):
         if v == loser:
             owner[k] = survivor
-    running = [r["workflow_id"] for r in moved if r["status"] == "running"]
-    res.merges.append(Merge(loser=loser, survivor=survivor, moved_running=running))
+    ended = {r["enrollment_id"] for r in duplicate}
+    running = [
+        r["workflow_id"]
+        for r in moved
+        if r["status"] in ("starting", "running") and r["enrollment_id"] not in ended
+    ]
+    res.merges.append(
+        Merge(
+            loser=loser,
+            survivor=survivor,
+            moved_running=running,
+            duplicates=[r["workflow_id"] for r in duplicate],
+        )
+    )
 
 
 async def find_customer(conn: asyncpg.Connection | asyncpg.Pool, ref: str) -> str | None:

@@ -216,3 +216,39 @@ async def test_an_entry_that_arrives_as_the_run_ends_starts_a_new_run(db, ts_env
         assert (result.status, result.sends) == ("completed", 2)
         subjects = [m["subject"] for m in await eng.messages("nc")]
         assert subjects == ["New is still in your cart", "Last chance: New"]
+
+
+async def test_merging_two_customers_in_the_same_journey_keeps_one_run(db, ts_env):
+    async with engine(db, ts_env) as eng:
+        await eng.publish_examples()
+        await eng.send({"type": "track", "anonymousId": "anon-8", "event": "Product Added"})
+        await eng.send(track("u-8", "Product Added", name="Lamp"))
+        loser_run = await eng.run("cart_recovery", "anon-8")
+        survivor_run = await eng.run("cart_recovery", "u-8")
+        await eng.send({**identify("u-8"), "anonymousId": "anon-8"})
+        lost = await eng.result(loser_run)
+        assert lost.status == "exited"
+        assert lost.exit_reason.startswith("operator: merged into")
+        kept = await eng.result(survivor_run)
+        assert (kept.status, kept.sends) == ("completed", 2)
+        assert len(await eng.messages("u-8")) == 2
+
+
+async def test_a_template_that_fails_at_run_time_fails_the_send_not_the_run(db, ts_env):
+    journey = _journey(
+        "bad_math",
+        [
+            {"id": "oops", "kind": "send", "template": {"body": "{{ profile.n + 1 }}"}},
+            {"id": "after", "kind": "send", "template": {"body": "still here"}},
+        ],
+    )
+    async with engine(db, ts_env) as eng:
+        await eng.publish(journey)
+        await eng.send(identify("bm", n="not a number"), track("bm", "Started"))
+        handle = await eng.run("bad_math", "bm")
+        result = await eng.result(handle)
+        assert result.status == "completed"
+        summary = await handle.query("summary", result_type=RunSummary)
+        assert summary.results["oops"]["status"] == "failed"
+        assert "TemplateError" in summary.results["oops"]["error"]
+        assert [m["body"] for m in await eng.messages("bm")] == ["still here"]
