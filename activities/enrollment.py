@@ -35,6 +35,24 @@ from workflows.journey import workflow_id_for
 
 log = structlog.stdlib.get_logger("enrollment")
 
+SIGNAL_BYTES = 512 * 1024  # well under Temporal's 2 MB payload limit
+SIGNAL_EVENTS = 200
+
+
+def slices(events: list[JourneyEvent]) -> list[list[JourneyEvent]]:
+    """Cut a customer's events into signals of bounded count and size, in order."""
+    out: list[list[JourneyEvent]] = [[]]
+    size = 0
+    for e in events:
+        n = len(e.model_dump_json())
+        if out[-1] and (size + n > SIGNAL_BYTES or len(out[-1]) >= SIGNAL_EVENTS):
+            out.append([])
+            size = 0
+        out[-1].append(e)
+        size += n
+    return [part for part in out if part]
+
+
 _ENROLL = """
 INSERT INTO journey_runs (enrollment_id, workflow_id, journey_id, journey_version, customer_id,
                           status, run_key, entry)
@@ -171,8 +189,9 @@ async def start_run(
     or None when deferred.
     """
     journey, cid = start.journey, start.customer_id
+    first, *rest = slices(start.events) or [[]]
     try:
-        handle = await _start(client, task_queue, history_limit, start)
+        handle = await _start(client, task_queue, history_limit, start, first)
     except WorkflowAlreadyStartedError:
         existing = client.get_workflow_handle(start.workflow_id)
         desc = await existing.describe()
@@ -185,6 +204,8 @@ async def start_run(
         return desc.run_id
     assert handle.result_run_id is not None
     start.run_id = handle.result_run_id
+    for part in rest:
+        await handle.signal("events", part)
     log.info(
         "journey.entered", customer_id=cid, journey_id=journey.id, workflow_id=start.workflow_id,
         version=journey.version,
@@ -192,7 +213,9 @@ async def start_run(
     return handle.result_run_id
 
 
-async def _start(client: Client, task_queue: str, history_limit: int, start: Start) -> Any:
+async def _start(
+    client: Client, task_queue: str, history_limit: int, start: Start, events: list[JourneyEvent]
+) -> Any:
     journey, cid = start.journey, start.customer_id
     return await client.start_workflow(
         "JourneyWorkflow",
@@ -201,7 +224,7 @@ async def _start(client: Client, task_queue: str, history_limit: int, start: Sta
             customer_id=cid,
             enrollment_id=start.enrollment_id,
             history_limit=history_limit,
-            events=start.events,
+            events=events,
         ),
         id=start.workflow_id,
         task_queue=task_queue,

@@ -29,7 +29,14 @@ import structlog
 from temporalio.client import Client, WorkflowUpdateFailedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from activities.enrollment import Start, enroll, load_history, mark_started, start_run
+from activities.enrollment import (
+    Start,
+    enroll,
+    load_history,
+    mark_started,
+    slices,
+    start_run,
+)
 from models.journey import EventMatch, JourneyDefinition
 from models.runtime import JourneyEvent, SteerCommand
 from store.events import NOTIFY_CHANNEL
@@ -281,8 +288,12 @@ class EventRouter:
         calls += [self._signal(s) for s in plan.signals]
         calls += [self._reassign(wid, cid) for wid, cid in plan.reassign]
         calls += [self._end_duplicate(wid, cid) for wid, cid in plan.end_duplicates]
-        if calls:
-            await asyncio.gather(*calls)
+        # Every call runs to its end; then the first failure (if any) fails the chunk, which
+        # is routed again (all of it is idempotent).
+        failures = [r for r in await asyncio.gather(*calls, return_exceptions=True) if r]
+        errors = [f for f in failures if isinstance(f, BaseException)]
+        if errors:
+            raise errors[0]
 
     async def _end_duplicate(self, workflow_id: str, survivor: str) -> None:
         cmd = SteerCommand(action="exit", reason=f"merged into {survivor}", by="router")
@@ -307,11 +318,17 @@ class EventRouter:
         return JourneyDefinition.model_validate(data) if data else current
 
     async def _signal(self, sig: _Signal) -> None:
+        handle = self.client.get_workflow_handle(sig.workflow_id)
         try:
-            async with self._sem:
-                await self.client.get_workflow_handle(sig.workflow_id).signal("events", sig.events)
+            for part in slices(sig.events):
+                async with self._sem:
+                    await handle.signal("events", part)
             return
         except RPCError as err:
+            if err.status == RPCStatusCode.INVALID_ARGUMENT:
+                # Not retryable (e.g. over a server limit): skip it rather than block routing.
+                log.error("router.signal_rejected", workflow_id=sig.workflow_id, error=str(err))
+                return
             if err.status != RPCStatusCode.NOT_FOUND:
                 raise
         # The run has ended (finished just now, or was terminated by an operator): record
