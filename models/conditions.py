@@ -35,6 +35,11 @@ class Compare(BaseModel):
     path: str = Field(description="dotted path from a root: event, entry, profile, results")
     op: Op
     value: Any = None
+    value_from: str | None = Field(
+        default=None,
+        description="compare with the value at this path instead of `value`, e.g. "
+        "entry.properties.appointment_id (correlation)",
+    )
 
     @field_validator("path")
     @classmethod
@@ -45,6 +50,12 @@ class Compare(BaseModel):
 
     @model_validator(mode="after")
     def _value_fits_op(self) -> Compare:
+        if self.value_from is not None:
+            if self.value is not None:
+                raise ValueError("give value or value_from, not both")
+            if self.value_from.split(".", 1)[0] not in ROOTS:
+                raise ValueError(f"value_from {self.value_from!r} must start with a root")
+            return self
         v = self.value
         if self.op in ("gt", "gte", "lt", "lte") and (
             isinstance(v, bool) or not isinstance(v, int | float | str)
@@ -165,4 +176,7 @@ def evaluate(cond: Condition | None, ctx: dict[str, Any]) -> bool:
         return value is not None
     if cond.op == "not_exists":
         return value is None
-    return _compare(cond.op, value, cond.value)
+    other = resolve(cond.value_from, ctx) if cond.value_from else cond.value
+    if cond.value_from and other is None:
+        return False  # nothing to correlate with
+    return _compare(cond.op, value, other)

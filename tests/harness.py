@@ -19,7 +19,7 @@ from models.journey import JourneyDefinition
 from models.runtime import JourneyRunResult
 from models.segment import parse_event
 from store.events import store_events
-from store.journeys import parse_definition, publish, publish_folder
+from store.journeys import load_file, parse_definition, publish
 from store.profiles import find_customer
 from tests.conftest import JOURNEYS_DIR
 from worker import build_worker
@@ -45,9 +45,14 @@ class Engine:
         self.router._journeys_stale = True
         return await publish(self.pool, defn)
 
-    async def publish_examples(self) -> dict[str, int]:
+    async def publish_examples(self, *ids: str) -> dict[str, int]:
+        """Publish the example journeys named (all of them when none is named)."""
         self.router._journeys_stale = True
-        return await publish_folder(self.pool, JOURNEYS_DIR)
+        out = {}
+        for path in sorted(JOURNEYS_DIR.glob("*.yaml")):
+            if not ids or path.stem in ids:
+                out[path.stem] = await publish(self.pool, load_file(path))
+        return out
 
     async def send(self, *events: dict[str, Any]) -> int:
         """Store events as the API would, then route everything pending."""

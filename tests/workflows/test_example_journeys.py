@@ -12,7 +12,7 @@ from tests.harness import engine, identify, track
 
 async def test_cart_reminders_are_sent_after_15_minutes_and_1_day(db, ts_env: WorkflowEnvironment):
     async with engine(db, ts_env) as eng:
-        await eng.publish_examples()
+        await eng.publish_examples("cart_recovery", "welcome_series")
         await eng.send(track("ann", "Product Added", name="Blue Mug", url="https://s/cart/1"))
         handle = await eng.run("cart_recovery", "ann")
         result = await eng.result(handle)
@@ -38,7 +38,7 @@ async def test_cart_reminders_are_sent_after_15_minutes_and_1_day(db, ts_env: Wo
 
 async def test_purchase_during_first_wait_sends_nothing(db, ts_env: WorkflowEnvironment):
     async with engine(db, ts_env) as eng:
-        await eng.publish_examples()
+        await eng.publish_examples("cart_recovery", "welcome_series")
         await eng.send(track("bob", "Product Added", name="Lamp"))
         await eng.send(track("bob", "Order Completed", order_id="o1", total=30))
         result = await eng.result(await eng.run("cart_recovery", "bob"))
@@ -50,7 +50,7 @@ async def test_purchase_during_first_wait_sends_nothing(db, ts_env: WorkflowEnvi
 
 async def test_purchase_after_first_reminder_stops_the_second(db, ts_env: WorkflowEnvironment):
     async with engine(db, ts_env) as eng:
-        await eng.publish_examples()
+        await eng.publish_examples("cart_recovery", "welcome_series")
         await eng.send(track("cy", "Product Added", name="Chair"))
         handle = await eng.run("cart_recovery", "cy")
         await ts_env.sleep(timedelta(hours=2))  # past the 15 minutes, well before the day
@@ -62,7 +62,7 @@ async def test_purchase_after_first_reminder_stops_the_second(db, ts_env: Workfl
 
 async def test_welcome_series_branches_on_orders(db, ts_env: WorkflowEnvironment):
     async with engine(db, ts_env) as eng:
-        await eng.publish_examples()
+        await eng.publish_examples("cart_recovery", "welcome_series")
         await eng.send(identify("dee", email="dee@example.com", first_name="Dee"))
         await eng.send(identify("eve", email="eve@example.com"))
         dee = await eng.run("welcome_series", "dee")
@@ -79,7 +79,7 @@ async def test_welcome_series_branches_on_orders(db, ts_env: WorkflowEnvironment
 
 async def test_identify_without_email_does_not_enter_welcome(db, ts_env: WorkflowEnvironment):
     async with engine(db, ts_env) as eng:
-        await eng.publish_examples()
+        await eng.publish_examples("cart_recovery", "welcome_series")
         await eng.send(identify("fay", first_name="Fay"))
         runs = await db.fetchval("SELECT count(*) FROM journey_runs")
         assert runs == 0

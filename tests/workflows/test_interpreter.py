@@ -143,7 +143,7 @@ async def test_rerouting_a_chunk_neither_restarts_nor_resends(db, ts_env):
 
 async def test_anonymous_journey_follows_the_customer_after_a_merge(db, ts_env):
     async with engine(db, ts_env) as eng:
-        await eng.publish_examples()
+        await eng.publish_examples("cart_recovery", "welcome_series")
         await eng.send({"type": "track", "anonymousId": "anon-7", "event": "Product Added"})
         anon_run = await eng.run("cart_recovery", "anon-7")
         await eng.send(identify("u-7", first_name="Gil"))
@@ -201,7 +201,7 @@ async def test_two_events_in_one_batch_count_as_two(db, ts_env):
 
 async def test_an_entry_that_arrives_as_the_run_ends_starts_a_new_run(db, ts_env):
     async with engine(db, ts_env) as eng:
-        await eng.publish_examples()
+        await eng.publish_examples("cart_recovery", "welcome_series")
         await eng.send(track("nc", "Product Added", name="Old cart"))
         first = await eng.run("cart_recovery", "nc")
         # An order ends the run; a new cart comes in the same delivery, right after it.
@@ -220,7 +220,7 @@ async def test_an_entry_that_arrives_as_the_run_ends_starts_a_new_run(db, ts_env
 
 async def test_merging_two_customers_in_the_same_journey_keeps_one_run(db, ts_env):
     async with engine(db, ts_env) as eng:
-        await eng.publish_examples()
+        await eng.publish_examples("cart_recovery", "welcome_series")
         await eng.send({"type": "track", "anonymousId": "anon-8", "event": "Product Added"})
         await eng.send(track("u-8", "Product Added", name="Lamp"))
         loser_run = await eng.run("cart_recovery", "anon-8")

@@ -29,7 +29,7 @@ def _replayer() -> Replayer:
 async def _record_examples(db, ts_env) -> dict[str, WorkflowHistory]:
     out: dict[str, WorkflowHistory] = {}
     async with engine(db, ts_env) as eng:
-        await eng.publish_examples()
+        await eng.publish_examples("cart_recovery", "welcome_series")
         await eng.send(track("r1", "Product Added", name="Mug"))
         await eng.send(track("r2", "Product Added", name="Pot"))
         await eng.send(identify("r3", email="r3@example.com", first_name="Ria"))
