@@ -16,25 +16,30 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from activities.journey_activities import JourneyActivities
+from activities.launch_activities import LaunchActivities
 from activities.router import EventRouter
 from core.logs import configure_logging, get_logger
 from core.settings import Settings, get_settings
 from core.temporal import connect
 from store.db import create_pool
 from workflows.journey import JourneyWorkflow
+from workflows.launch import LaunchWorkflow
 
 log = get_logger("worker")
 
 
-def build_worker(client: Client, pool: asyncpg.Pool, task_queue: str) -> Worker:
+def build_worker(
+    client: Client, pool: asyncpg.Pool, task_queue: str, *, history_limit: int = 2000
+) -> Worker:
     # Ids travel as structured fields (see core.logs), not appended to the message text.
     workflow.logger.workflow_info_on_message = False
     activity.logger.activity_info_on_message = False
+    launches = LaunchActivities(pool, client, task_queue=task_queue, history_limit=history_limit)
     return Worker(
         client,
         task_queue=task_queue,
-        workflows=[JourneyWorkflow],
-        activities=JourneyActivities(pool).all(),
+        workflows=[JourneyWorkflow, LaunchWorkflow],
+        activities=[*JourneyActivities(pool).all(), *launches.all()],
         max_concurrent_activities=200,
     )
 
@@ -52,7 +57,9 @@ async def running_worker(
         history_limit=settings.journey_history_limit,
     )
     stop = asyncio.Event()
-    async with build_worker(client, pool, settings.temporal_task_queue):
+    async with build_worker(
+        client, pool, settings.temporal_task_queue, history_limit=settings.journey_history_limit
+    ):
         task = asyncio.create_task(router.run(stop))
         try:
             yield router

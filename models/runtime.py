@@ -246,3 +246,43 @@ class WaitRequest(BaseModel):
 class WaitResolution(BaseModel):
     deadline: datetime | None
     note: str | None = None
+
+
+class LaunchInput(BaseModel):
+    """An audience launch; `launch_id` empty means "make one" (scheduled launches)."""
+
+    journey_id: str
+    audience: dict[str, Any] | None = None
+    rate_per_second: float = Field(default=50.0, gt=0, le=10_000)
+    page_size: int = Field(default=200, ge=1, le=5_000)
+    launch_id: str = ""
+    schedule_id: str | None = None
+    cursor: str | None = None
+    enrolled: int = 0
+    skipped: int = 0
+    pages: int = 0
+
+
+class AudiencePage(BaseModel):
+    launch_id: str
+    journey_id: str
+    audience: dict[str, Any] | None
+    after: str | None
+    limit: int
+
+
+class LaunchProgress(BaseModel):
+    launch_id: str
+    journey_id: str
+    status: str
+    enrolled: int
+    skipped: int
+    cursor: str | None
+    pages: int
+
+
+class PageResult(BaseModel):
+    enrolled: int
+    skipped: int
+    last: str | None
+    count: int

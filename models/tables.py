@@ -191,3 +191,22 @@ class Task(SQLModel, table=True):
     closed_by: str | None = Field(default=None, max_length=256)
     created_at: datetime | None = _ts()
     closed_at: datetime | None = _ts(nullable=True, default=False)
+
+
+class Launch(SQLModel, table=True):
+    """An audience launch: enrol every customer matching a condition, at a rate."""
+
+    __tablename__ = "launches"
+    id: str = Field(primary_key=True, max_length=64)
+    journey_id: str = Field(max_length=64, index=True)
+    audience: dict[str, Any] | None = Field(default=None, sa_column=sa.Column(JSONB, nullable=True))
+    rate_per_second: float
+    page_size: int
+    status: str = Field(max_length=16, description="running | completed | cancelled")
+    enrolled: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
+    skipped: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
+    cursor: str | None = Field(default=None, max_length=64)
+    schedule_id: str | None = Field(default=None, max_length=128)
+    created_at: datetime | None = _ts()
+    updated_at: datetime | None = _ts()
+    finished_at: datetime | None = _ts(nullable=True, default=False)

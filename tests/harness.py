@@ -89,18 +89,24 @@ class Engine:
 
 @asynccontextmanager
 async def engine(
-    pool: asyncpg.Pool, env: WorkflowEnvironment, **router: Any
+    pool: asyncpg.Pool,
+    env: WorkflowEnvironment,
+    *,
+    task_queue: str | None = None,
+    terminate: bool = True,
+    **router: Any,
 ) -> AsyncIterator[Engine]:
-    eng = Engine(pool, env, f"tq-{uuid.uuid4().hex[:8]}", **router)
+    eng = Engine(pool, env, task_queue or f"tq-{uuid.uuid4().hex[:8]}", **router)
     try:
         async with build_worker(env.client, pool, eng.task_queue):
             yield eng
     finally:
         # A run left waiting on a queue nobody polls would stop the time-skipping server
         # from skipping time for every later test.
-        for row in await pool.fetch(
+        live = (
             "SELECT DISTINCT workflow_id FROM journey_runs WHERE status IN ('starting', 'running')"
-        ):
+        )
+        for row in await pool.fetch(live) if terminate else []:
             with contextlib.suppress(RPCError):
                 await env.client.get_workflow_handle(row["workflow_id"]).terminate("test ended")
 
