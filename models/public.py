@@ -138,3 +138,23 @@ class EnrollmentPublic(BaseModel):
     version: int
     status: str
     created: bool
+
+
+class MigrationRequest(BaseModel):
+    from_version: int = Field(ge=1)
+    to_version: int | None = Field(default=None, description="default: the current version")
+    step_map: dict[str, str] = Field(
+        min_length=1, description="step in from_version → step in to_version"
+    )
+    dry_run: bool = True
+    reason: str = Field(default="version migration", max_length=500)
+
+
+class MigrationReport(BaseModel):
+    from_version: int
+    to_version: int
+    dry_run: bool
+    would_move: dict[str, int] = Field(description="per current step, runs that (would) move")
+    staying: dict[str, int] = Field(description="per current step, runs left on from_version")
+    moved: int
+    failed: int

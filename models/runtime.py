@@ -46,15 +46,19 @@ RunStatus = Literal["running", "completed", "exited"]
 class SteerCommand(BaseModel):
     """An operator's instruction to a run in flight (a workflow update)."""
 
-    action: Literal["exit", "skip", "move"]
-    step_id: str | None = Field(default=None, description="target step, for move")
+    action: Literal["exit", "skip", "move", "migrate"]
+    step_id: str | None = Field(default=None, description="target step, for move and migrate")
     reason: str = Field(min_length=1, max_length=500)
     by: str | None = None
+    definition: JourneyDefinition | None = Field(
+        default=None, description="migrate: the version to move to (its step_id)"
+    )
 
 
 class SteerRecord(SteerCommand):
     at: datetime
     from_step: str | None
+    from_version: int | None = None
 
 
 class JourneyState(BaseModel):

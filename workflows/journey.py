@@ -104,6 +104,12 @@ class JourneyWorkflow:
             except KeyError:
                 version = self.journey.version
                 raise ValueError(f"no step {cmd.step_id!r} in version {version}") from None
+        if cmd.action == "migrate":
+            new = cmd.definition
+            if new is None or new.id != self.journey.id or new.version <= self.journey.version:
+                raise ValueError("migrate needs a later version of this journey")
+            if cmd.step_id is None or cmd.step_id not in {s.id for s in new.steps}:
+                raise ValueError(f"no step {cmd.step_id!r} in version {new.version}")
         if cmd.action == "skip" and self.journey.step(st.step_id).kind not in ("wait", "wait_for"):
             raise ValueError(f"step {st.step_id!r} is not a wait")
 
@@ -235,13 +241,24 @@ class JourneyWorkflow:
         st = self.state
         cmd = st.steer
         assert cmd is not None and st.step_id is not None
-        st.steered.append(SteerRecord(**cmd.model_dump(), at=workflow.now(), from_step=st.step_id))
+        st.steered.append(
+            SteerRecord(
+                **cmd.model_dump(exclude={"definition"}),
+                at=workflow.now(),
+                from_step=st.step_id,
+                from_version=self.journey.version,
+            )
+        )
         self.outcome = f"operator {cmd.action}: {cmd.reason}"
         self._log("journey.steered", action=cmd.action, reason=cmd.reason, by=cmd.by)
         step = self.journey.step(st.step_id)
         if cmd.action == "exit":
             self.exit(f"operator: {cmd.reason}")
         elif cmd.action == "move":
+            self._enter(cmd.step_id)
+        elif cmd.action == "migrate":
+            assert cmd.definition is not None
+            self.journey = cmd.definition  # recorded in history: replay applies it the same way
             self._enter(cmd.step_id)
         else:
             target = (

@@ -150,6 +150,8 @@ async def steer_run(
 ) -> RunSummary:
     """Exit a customer from a journey, skip the current wait, or move them to a step.
     Validated by the run itself; the reason is recorded in the run's `steered` list."""
+    if body.action == "migrate":
+        raise ApiError(400, "invalid_request", "action: use POST /v1/journeys/{id}/migrate")
     cid = await _customer_id(pool, ref)
     rows = await pool.fetch(
         "SELECT workflow_id, run_id FROM journey_runs WHERE customer_id = $1 AND journey_id = $2 "

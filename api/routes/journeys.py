@@ -27,9 +27,11 @@ from models.public import (
     JourneyPublic,
     LifecycleRequest,
     LifecycleResult,
+    MigrationReport,
+    MigrationRequest,
     ValidationReport,
 )
-from models.runtime import JourneyEvent, SteerCommand
+from models.runtime import JourneyEvent, RunSummary, SteerCommand
 from store.journeys import (
     DefinitionError,
     active_definitions,
@@ -269,6 +271,99 @@ async def archive_journey(
     act = _exit(body.reason) if body.in_flight == "exit" else (lambda h: h.signal("hold", False))
     n = await _signal_runs(pool, temporal, journey_id, act)
     return LifecycleResult(id=journey_id, status="archived", runs_affected=n)
+
+
+@router.post("/{journey_id}/migrate", response_model=MigrationReport)
+async def migrate_runs(
+    journey_id: str, body: MigrationRequest, pool: PoolDep, temporal: TemporalDep
+) -> MigrationReport:
+    """Move customers in flight from one version to another by an explicit step mapping.
+    `dry_run` (the default) only counts who would move; nothing else ever moves a run."""
+    current = await pool.fetchval("SELECT current_version FROM journeys WHERE id = $1", journey_id)
+    if current is None:
+        raise ApiError(404, "not_found", f"no journey {journey_id!r}")
+    to_version = body.to_version or current
+    versions = {
+        r["version"]: JourneyDefinition.model_validate(r["definition"])
+        for r in await pool.fetch(
+            "SELECT version, definition FROM journey_versions WHERE journey_id = $1 "
+            "AND version = ANY($2::int[])",
+            journey_id,
+            [body.from_version, to_version],
+        )
+    }
+    if body.from_version not in versions or to_version not in versions:
+        raise ApiError(404, "not_found", f"versions {body.from_version} and {to_version}")
+    if to_version <= body.from_version:
+        raise ApiError(400, "invalid_request", "to_version must be later than from_version")
+    old, new = versions[body.from_version], versions[to_version]
+    for src, dst in body.step_map.items():
+        if src not in {s.id for s in old.steps}:
+            raise ApiError(400, "invalid_request", f"step_map: no step {src!r} in v{old.version}")
+        if dst not in {s.id for s in new.steps}:
+            raise ApiError(400, "invalid_request", f"step_map: no step {dst!r} in v{new.version}")
+    rows = await pool.fetch(
+        "SELECT enrollment_id, workflow_id, run_id FROM journey_runs WHERE journey_id = $1 "
+        "AND journey_version = $2 AND status = 'running'",
+        journey_id,
+        body.from_version,
+    )
+    sem = asyncio.Semaphore(32)
+
+    async def position(row: Any) -> tuple[Any, str | None]:
+        async with sem:
+            try:
+                handle = temporal.get_workflow_handle(row["workflow_id"], run_id=row["run_id"])
+                summary = await handle.query("summary", result_type=RunSummary)
+            except RPCError:
+                return row, None
+        return row, summary.step_id if summary.status == "running" else None
+
+    placed = await asyncio.gather(*(position(r) for r in rows))
+    would: dict[str, int] = {}
+    staying: dict[str, int] = {}
+    for _, step in placed:
+        if step is None:
+            continue
+        bucket = would if step in body.step_map else staying
+        bucket[step] = bucket.get(step, 0) + 1
+    moved = failed = 0
+    if not body.dry_run:
+
+        async def move(row: Any, step: str) -> bool:
+            cmd = SteerCommand(
+                action="migrate",
+                step_id=body.step_map[step],
+                reason=body.reason,
+                by="migration",
+                definition=new,
+            )
+            async with sem:
+                try:
+                    handle = temporal.get_workflow_handle(row["workflow_id"], run_id=row["run_id"])
+                    await handle.execute_update("steer", cmd)
+                except (RPCError, WorkflowUpdateFailedError):
+                    return False  # moved on meanwhile: it stays on its version
+            await pool.execute(
+                "UPDATE journey_runs SET journey_version = $2 WHERE enrollment_id = $1",
+                row["enrollment_id"],
+                new.version,
+            )
+            return True
+
+        results = await asyncio.gather(
+            *(move(r, s) for r, s in placed if s is not None and s in body.step_map)
+        )
+        moved, failed = sum(results), len(results) - sum(results)
+    return MigrationReport(
+        from_version=body.from_version,
+        to_version=to_version,
+        dry_run=body.dry_run,
+        would_move=would,
+        staying=staying,
+        moved=moved,
+        failed=failed,
+    )
 
 
 @router.post("", response_model=JourneyPublic)
