@@ -46,8 +46,9 @@ async def call(
     if resp.status_code >= 500 or resp.status_code == 429:
         # Retried by Temporal with backoff; the same Idempotency-Key goes with every attempt.
         raise ApplicationError(f"webhook {req.url} answered {resp.status_code}", type="Webhook5xx")
+    # Kept in the run's state (and carried over continue-as-new): bounded.
     body: Any = resp.text[:MAX_BODY]
-    if "json" in resp.headers.get("content-type", ""):
+    if "json" in resp.headers.get("content-type", "") and len(resp.content) <= MAX_BODY:
         try:
             body = resp.json()
         except ValueError:
