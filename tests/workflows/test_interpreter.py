@@ -252,3 +252,15 @@ async def test_a_template_that_fails_at_run_time_fails_the_send_not_the_run(db, 
         assert summary.results["oops"]["status"] == "failed"
         assert "TemplateError" in summary.results["oops"]["error"]
         assert [m["body"] for m in await eng.messages("bm")] == ["still here"]
+
+
+async def test_a_customers_events_apply_in_timestamp_order(db, ts_env):
+    async with engine(db, ts_env) as eng:
+        # Sent newest first (an offline queue flushing): applied oldest first.
+        await eng.send(
+            {**identify("ord", plan="pro"), "timestamp": "2026-03-02T10:00:00Z"},
+            {**identify("ord", plan="free", seats=1), "timestamp": "2026-03-01T10:00:00Z"},
+        )
+        cid = await eng.customer("ord")
+        traits = await db.fetchval("SELECT traits FROM customers WHERE id = $1", cid)
+        assert traits == {"plan": "pro", "seats": 1}
