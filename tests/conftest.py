@@ -96,3 +96,12 @@ async def eventually(
 
 
 JOURNEYS_DIR = ROOT / "journeys"
+
+
+@pytest.fixture
+async def desk(db, pg_url: str, dev_env: WorkflowEnvironment) -> AsyncIterator[Any]:
+    """(engine, api): an in-process engine on the dev server and the API on its task queue."""
+    from tests.harness import admin_api, engine
+
+    async with engine(db, dev_env) as eng, admin_api(eng, pg_url) as api:
+        yield eng, api

@@ -10,11 +10,14 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
+import httpx
 from temporalio.client import WorkflowHandle
 from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 
 from activities.router import EventRouter
+from api.main import create_app
+from core.settings import Settings
 from models.journey import JourneyDefinition
 from models.runtime import JourneyRunResult
 from models.segment import parse_event
@@ -118,3 +121,23 @@ def track(user: str, event: str, /, **props: Any) -> dict[str, Any]:
 
 def identify(user: str, **traits: Any) -> dict[str, Any]:
     return {"type": "identify", "userId": user, "traits": traits, "messageId": f"m-{uuid.uuid4()}"}
+
+
+ADMIN = {"Authorization": "Bearer admin"}
+
+
+@asynccontextmanager
+async def admin_api(eng: Engine, database_url: str) -> AsyncIterator[httpx.AsyncClient]:
+    """The real API app in-process (lifespan and all) on the engine's task queue; admin key
+    `admin` (see ADMIN)."""
+    settings = Settings(
+        database_url=database_url,
+        temporal_address=eng.client.service_client.config.target_host,
+        journeys_admin_key="admin",
+        temporal_task_queue=eng.task_queue,
+    )
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://api") as api:
+            yield api

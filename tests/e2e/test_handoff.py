@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import httpx
 import pytest
 
-from api.main import create_app
-from core.settings import Settings
 from models.runtime import RunSummary
 from tests.conftest import eventually
-from tests.harness import Engine, engine, identify, track
+from tests.harness import ADMIN, Engine, engine, identify, track
 from tests.receiver import Receiver
-
-ADMIN = {"Authorization": "Bearer admin"}
 
 
 def _journey(notify: str) -> dict:
@@ -37,24 +31,14 @@ def _journey(notify: str) -> dict:
 
 
 @pytest.fixture
-async def desk(db, pg_url, dev_env, receiver) -> AsyncIterator[tuple[Engine, httpx.AsyncClient]]:
-    async with engine(db, dev_env) as eng:
-        settings = Settings(
-            database_url=pg_url,
-            temporal_address=dev_env.client.service_client.config.target_host,
-            journeys_admin_key="admin",
-            temporal_task_queue=eng.task_queue,
-        )
-        app = create_app(settings)
-        async with app.router.lifespan_context(app):
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://t") as api:
-                await eng.publish(_journey(f"{receiver}/tasks"))
-                yield eng, api
-
-
-async def test_closing_the_task_resumes_the_run_with_its_outcome(desk):
+async def help_desk(desk, receiver) -> tuple[Engine, httpx.AsyncClient]:
     eng, api = desk
+    await eng.publish(_journey(f"{receiver}/tasks"))
+    return eng, api
+
+
+async def test_closing_the_task_resumes_the_run_with_its_outcome(help_desk):
+    eng, api = help_desk
     await eng.send(identify("vip", name="Vera", email="vera@example.com"))
     await eng.send(track("vip", "Big Cart", total=1200))
 

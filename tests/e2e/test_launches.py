@@ -4,20 +4,13 @@ against real Postgres and the Temporal dev server."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 
-import httpx
-
-from api.main import create_app
-from core.settings import Settings
 from models.audience import compile_audience
 from models.conditions import evaluate
 from tests.conftest import eventually
-from tests.harness import engine
+from tests.harness import ADMIN, admin_api, engine
 
-ADMIN = {"Authorization": "Bearer admin"}
 JOURNEY = {
     "id": "promo_launch",
     "name": "Promo launch",
@@ -35,21 +28,6 @@ async def _customers(db, n: int) -> None:
         "INSERT INTO customers (id, traits) VALUES ($1, $2)",
         [(f"c{i:05d}", {"plan": "pro" if i % 2 else "free", "n": i}) for i in range(n)],
     )
-
-
-@asynccontextmanager
-async def _api(pg_url: str, dev_env, task_queue: str) -> AsyncIterator[httpx.AsyncClient]:
-    settings = Settings(
-        database_url=pg_url,
-        temporal_address=dev_env.client.service_client.config.target_host,
-        journeys_admin_key="admin",
-        temporal_task_queue=task_queue,
-    )
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as api:
-            yield api
 
 
 async def test_audience_sql_matches_the_condition_semantics(db):
@@ -90,7 +68,7 @@ async def test_launch_survives_a_worker_restart_without_double_enrolment(db, pg_
     queue = f"tq-{uuid.uuid4().hex[:8]}"
     async with engine(db, dev_env, task_queue=queue, terminate=False) as eng:
         await eng.publish(JOURNEY)
-        async with _api(pg_url, dev_env, queue) as api:
+        async with admin_api(eng, pg_url) as api:
             r = await api.post(
                 "/v1/journeys/promo_launch/launches",
                 json={"audience": PRO, "rate_per_second": 5000, "page_size": 250},
@@ -106,7 +84,7 @@ async def test_launch_survives_a_worker_restart_without_double_enrolment(db, pg_
             await eventually(some_enrolled, what="the first page")
     # The worker is gone mid-launch; a new one on the same queue takes over.
     async with engine(db, dev_env, task_queue=queue) as eng:
-        async with _api(pg_url, dev_env, queue) as api:
+        async with admin_api(eng, pg_url) as api:
 
             async def finished() -> dict | None:
                 got = (await api.get(f"/v1/launches/{launch_id}", headers=ADMIN)).json()
@@ -129,7 +107,7 @@ async def test_cancel_stops_a_launch_and_bad_audiences_are_refused(db, pg_url, d
     await _customers(db, 600)
     async with engine(db, dev_env) as eng:
         await eng.publish(JOURNEY)
-        async with _api(pg_url, dev_env, eng.task_queue) as api:
+        async with admin_api(eng, pg_url) as api:
             bad = await api.post(
                 "/v1/journeys/promo_launch/launches",
                 json={"audience": {"path": "event.properties.x", "op": "exists"}},
@@ -164,7 +142,7 @@ async def test_scheduled_launches_once_and_recurring(db, pg_url, dev_env):
     await _customers(db, 30)
     async with engine(db, dev_env) as eng:
         await eng.publish(JOURNEY)
-        async with _api(pg_url, dev_env, eng.task_queue) as api:
+        async with admin_api(eng, pg_url) as api:
             url = "/v1/journeys/promo_launch/schedules"
             bad = await api.post(url, json={"cron": "not a cron"}, headers=ADMIN)
             assert bad.status_code == 400

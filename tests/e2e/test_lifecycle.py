@@ -3,18 +3,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
-import httpx
-import pytest
-
-from api.main import create_app
-from core.settings import Settings
 from models.runtime import RunSummary
 from tests.conftest import eventually
-from tests.harness import Engine, engine, identify, track
-
-ADMIN = {"Authorization": "Bearer admin"}
+from tests.harness import ADMIN, Engine, identify, track
 
 
 def _v(body: str, wait: str = "30d") -> dict:
@@ -29,22 +20,6 @@ def _v(body: str, wait: str = "30d") -> dict:
             {"id": "second", "kind": "send", "template": {"body": f"{body} again"}},
         ],
     }
-
-
-@pytest.fixture
-async def desk(db, pg_url, dev_env) -> AsyncIterator[tuple[Engine, httpx.AsyncClient]]:
-    async with engine(db, dev_env) as eng:
-        settings = Settings(
-            database_url=pg_url,
-            temporal_address=dev_env.client.service_client.config.target_host,
-            journeys_admin_key="admin",
-            temporal_task_queue=eng.task_queue,
-        )
-        app = create_app(settings)
-        async with app.router.lifespan_context(app):
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://t") as api:
-                yield eng, api
 
 
 async def _step(eng: Engine, user: str) -> RunSummary:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from models.runtime import RunSummary
 from tests.conftest import eventually
-from tests.e2e.test_lifecycle import ADMIN, desk  # noqa: F401 (fixture)
-from tests.harness import Engine, identify, track
+from tests.harness import ADMIN, Engine, identify, track
 
 
 def _version(body: str, extra_step: bool = False) -> dict:
@@ -30,7 +29,7 @@ async def _at(eng: Engine, user: str, step: str) -> RunSummary:
     return await eventually(there, what=f"{user} at {step}")
 
 
-async def test_dry_run_counts_then_mapping_moves_waiting_customers(desk):  # noqa: F811
+async def test_dry_run_counts_then_mapping_moves_waiting_customers(desk):
     eng, api = desk
     await api.put("/v1/journeys/promo/draft", json=_version("v1"), headers=ADMIN)
     await api.post("/v1/journeys/promo/publish", headers=ADMIN)

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import httpx
 import pytest
 
-from api.main import create_app
-from core.settings import Settings
 from models.runtime import RunSummary
 from tests.conftest import eventually
-from tests.harness import Engine, engine, identify, track
+from tests.harness import ADMIN, Engine, identify, track
 
-ADMIN = {"Authorization": "Bearer admin"}
 JOURNEY = {
     "id": "steerable",
     "name": "Steerable",
@@ -29,20 +24,10 @@ JOURNEY = {
 
 
 @pytest.fixture
-async def steer_env(db, pg_url, dev_env) -> AsyncIterator[tuple[Engine, httpx.AsyncClient]]:
-    async with engine(db, dev_env) as eng:
-        settings = Settings(
-            database_url=pg_url,
-            temporal_address=dev_env.client.service_client.config.target_host,
-            journeys_admin_key="admin",
-            temporal_task_queue=eng.task_queue,
-        )
-        app = create_app(settings)
-        async with app.router.lifespan_context(app):
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://t") as api:
-                await eng.publish(JOURNEY)
-                yield eng, api
+async def steer_env(desk) -> tuple[Engine, httpx.AsyncClient]:
+    eng, api = desk
+    await eng.publish(JOURNEY)
+    return eng, api
 
 
 async def _at_step(eng: Engine, user: str, step: str | None) -> RunSummary:

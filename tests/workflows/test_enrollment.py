@@ -5,15 +5,9 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-import httpx
-
-from api.main import create_app
-from core.settings import Settings
 from models.runtime import RunSummary
-from tests.harness import engine, identify, track
+from tests.harness import ADMIN, admin_api, engine, identify, track
 from workflows.journey import workflow_id_for
-
-ADMIN = {"Authorization": "Bearer admin"}
 
 
 def _journey(jid: str, steps: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
@@ -30,38 +24,29 @@ ONBOARD = _journey(
 
 
 async def test_enroll_api_is_idempotent_and_passes_context(db, pg_url, dev_env):
-    settings = Settings(
-        database_url=pg_url,
-        temporal_address=dev_env.client.service_client.config.target_host,
-        journeys_admin_key="admin",
-    )
     async with engine(db, dev_env) as eng:
-        settings.temporal_task_queue = eng.task_queue
-        app = create_app(settings)
         await eng.publish(ONBOARD)
         await eng.send(identify("en", email="en@example.com"))
-        async with app.router.lifespan_context(app):
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://t") as api:
-                body = {"customer": "en", "idempotency_key": "k-1", "context": {"plan": "pro"}}
-                first = await api.post("/v1/journeys/onboard/enroll", json=body, headers=ADMIN)
-                assert first.status_code == 201, first.text
-                again = await api.post("/v1/journeys/onboard/enroll", json=body, headers=ADMIN)
-                assert again.status_code == 200
-                assert again.json()["enrollment_id"] == first.json()["enrollment_id"]
-                assert again.json()["created"] is False
-                other = {**body, "idempotency_key": "k-2"}
-                busy = await api.post("/v1/journeys/onboard/enroll", json=other, headers=ADMIN)
-                assert busy.status_code == 409
-                assert busy.json()["code"] == "not_enrolled"
-                assert "already in this journey" in busy.json()["message"]
-                missing = {**body, "customer": "nobody"}
-                r = await api.post("/v1/journeys/onboard/enroll", json=missing, headers=ADMIN)
-                assert (r.status_code, r.json()["code"]) == (404, "not_found")
-                r = await api.post("/v1/journeys/nope/enroll", json=body, headers=ADMIN)
-                assert r.status_code == 404
-                r = await api.post("/v1/journeys/onboard/enroll", json={"customer": "en"})
-                assert r.status_code == 401
+        async with admin_api(eng, pg_url) as api:
+            body = {"customer": "en", "idempotency_key": "k-1", "context": {"plan": "pro"}}
+            first = await api.post("/v1/journeys/onboard/enroll", json=body, headers=ADMIN)
+            assert first.status_code == 201, first.text
+            again = await api.post("/v1/journeys/onboard/enroll", json=body, headers=ADMIN)
+            assert again.status_code == 200
+            assert again.json()["enrollment_id"] == first.json()["enrollment_id"]
+            assert again.json()["created"] is False
+            other = {**body, "idempotency_key": "k-2"}
+            busy = await api.post("/v1/journeys/onboard/enroll", json=other, headers=ADMIN)
+            assert busy.status_code == 409
+            assert busy.json()["code"] == "not_enrolled"
+            assert "already in this journey" in busy.json()["message"]
+            missing = {**body, "customer": "nobody"}
+            r = await api.post("/v1/journeys/onboard/enroll", json=missing, headers=ADMIN)
+            assert (r.status_code, r.json()["code"]) == (404, "not_found")
+            r = await api.post("/v1/journeys/nope/enroll", json=body, headers=ADMIN)
+            assert r.status_code == 404
+            r = await api.post("/v1/journeys/onboard/enroll", json={"customer": "en"})
+            assert r.status_code == 401
 
         handle = dev_env.client.get_workflow_handle(first.json()["workflow_id"])
 
