@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import asyncpg
 import httpx
 import structlog
@@ -31,6 +33,21 @@ from store.events import NOTIFY_CHANNEL
 from store.profiles import profile_stats
 
 log = structlog.stdlib.get_logger("activities")
+
+
+def template_context(
+    profile: ProfileSnapshot,
+    entry: dict[str, Any] | None,
+    journey_id: str,
+    version: int | None = None,
+) -> dict[str, Any]:
+    """What every template sees (see models.validation.TEMPLATE_VARIABLES)."""
+    return {
+        "profile": profile.traits,
+        "customer": profile.as_context(),
+        "event": entry or {},
+        "journey": {"id": journey_id, "version": version},
+    }
 
 
 class JourneyActivities:
@@ -74,12 +91,7 @@ class JourneyActivities:
             raise ApplicationError(f"unknown channel {req.channel!r}", type="InvalidRequest")
         profile = await self._profile(req.customer_id, stats=False)
         customer_id = profile.customer_id  # the survivor, if the customer was merged meanwhile
-        ctx = {
-            "profile": profile.traits,
-            "customer": profile.as_context(),
-            "event": req.entry or {},
-            "journey": {"id": req.journey_id, "version": req.journey_version},
-        }
+        ctx = template_context(profile, req.entry, req.journey_id, req.journey_version)
         try:
             subject = render(req.subject, ctx) if req.subject else None
             body = render(req.body, ctx)
@@ -196,24 +208,14 @@ class JourneyActivities:
     @activity.defn(name="call_webhook")
     async def call_webhook(self, req: WebhookRequest) -> WebhookResult:
         profile = await self._profile(req.customer_id, stats=False)
-        ctx = {
-            "profile": profile.traits,
-            "customer": profile.as_context(),
-            "event": req.entry or {},
-            "journey": {"id": req.journey_id},
-        }
+        ctx = template_context(profile, req.entry, req.journey_id)
         return await webhooks.call(self.http, req, ctx)
 
     @activity.defn(name="create_task")
     async def create_task(self, req: TaskRequest) -> TaskCreated:
         """One task per idempotency key; the optional notification carries the same key."""
         profile = await self._profile(req.customer_id, stats=False)
-        ctx = {
-            "profile": profile.traits,
-            "customer": profile.as_context(),
-            "event": req.entry or {},
-            "journey": {"id": req.journey_id},
-        }
+        ctx = template_context(profile, req.entry, req.journey_id)
         try:
             title = render(req.title, ctx)
             details = webhooks.render_payload(req.details, ctx)

@@ -61,25 +61,28 @@ async def test_wait_for_times_out_to_its_branch(db, ts_env):
         assert [m["step_id"] for m in await eng.messages("b")] == ["nudge"]
 
 
+TWO_CLICKS = _journey(
+    "two_clicks",
+    [
+        {"id": "first", "kind": "wait_for", "timeout": "1h", "events": [{"event": "Clicked"}]},
+        {
+            "id": "second",
+            "kind": "wait_for",
+            "timeout": "1h",
+            "on_timeout": "end",
+            "events": [{"event": "Clicked", "next": "clicked_twice"}],
+        },
+        {"id": "clicked_twice", "kind": "send", "template": {"body": "two clicks"}},
+    ],
+)
+
+
 async def test_an_event_delivered_twice_counts_once(db, ts_env):
-    twice = _journey(
-        "twice",
-        [
-            {"id": "first", "kind": "wait_for", "timeout": "1h", "events": [{"event": "Clicked"}]},
-            {
-                "id": "second",
-                "kind": "wait_for",
-                "timeout": "1h",
-                "on_timeout": "end",
-                "events": [{"event": "Clicked", "next": "clicked_twice"}],
-            },
-            {"id": "clicked_twice", "kind": "send", "template": {"body": "two clicks"}},
-        ],
-    )
+    twice = TWO_CLICKS
     async with engine(db, ts_env) as eng:
         await eng.publish(twice)
         await eng.send(track("c", "Started"))
-        handle = await eng.run("twice", "c")
+        handle = await eng.run("two_clicks", "c")
         cid = await eng.customer("c")
         click = JourneyEvent(
             message_id="click-1", type="track", event="Clicked",
@@ -177,20 +180,7 @@ async def test_reentry_never_enters_once(db, ts_env: WorkflowEnvironment):
 
 
 async def test_two_events_in_one_batch_count_as_two(db, ts_env):
-    twice = _journey(
-        "two_clicks",
-        [
-            {"id": "first", "kind": "wait_for", "timeout": "1h", "events": [{"event": "Clicked"}]},
-            {
-                "id": "second",
-                "kind": "wait_for",
-                "timeout": "1h",
-                "on_timeout": "end",
-                "events": [{"event": "Clicked", "next": "clicked_twice"}],
-            },
-            {"id": "clicked_twice", "kind": "send", "template": {"body": "two clicks"}},
-        ],
-    )
+    twice = TWO_CLICKS
     async with engine(db, ts_env) as eng:
         await eng.publish(twice)
         # One router chunk: the entry and both clicks reach the run in one delivery.
