@@ -1,7 +1,8 @@
 """One small channel protocol; every provider implements it the same way.
 
-This issue ships `outbox`: the rendered message stored in `messages` is the delivery (a
-downstream system, or a person, reads it from there / from the API).
+A channel gets a rendered message that carries its idempotency key (providers deduplicate on
+it, SMTP carries it as Message-ID) and answers with a Delivery. `outbox` stores the message in
+`messages` as the delivery itself (a downstream system reads it from there or from the API).
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ class RenderedMessage:
     channel: str
     subject: str | None
     body: str
+    to: str | None = None  # the address on this channel (email, phone, device token)
+    html: str | None = None
+    unsubscribe_url: str | None = None
 
 
 @dataclass(frozen=True)
