@@ -15,6 +15,7 @@ from temporalio import activity, workflow
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+from activities.contact_policy import ContactPolicy, parse_caps
 from activities.journey_activities import JourneyActivities
 from activities.launch_activities import LaunchActivities
 from activities.router import EventRouter
@@ -29,7 +30,12 @@ log = get_logger("worker")
 
 
 def build_worker(
-    client: Client, pool: asyncpg.Pool, task_queue: str, *, history_limit: int = 2000
+    client: Client,
+    pool: asyncpg.Pool,
+    task_queue: str,
+    *,
+    history_limit: int = 2000,
+    policy: ContactPolicy | None = None,
 ) -> Worker:
     # Ids travel as structured fields (see core.logs), not appended to the message text.
     workflow.logger.workflow_info_on_message = False
@@ -39,7 +45,7 @@ def build_worker(
         client,
         task_queue=task_queue,
         workflows=[JourneyWorkflow, LaunchWorkflow],
-        activities=[*JourneyActivities(pool).all(), *launches.all()],
+        activities=[*JourneyActivities(pool, policy=policy).all(), *launches.all()],
         max_concurrent_activities=200,
     )
 
@@ -57,8 +63,16 @@ async def running_worker(
         history_limit=settings.journey_history_limit,
     )
     stop = asyncio.Event()
+    policy = ContactPolicy(
+        parse_caps(settings.frequency_cap, settings.channel_frequency_caps),
+        consent_default=settings.consent_default,
+    )
     async with build_worker(
-        client, pool, settings.temporal_task_queue, history_limit=settings.journey_history_limit
+        client,
+        pool,
+        settings.temporal_task_queue,
+        history_limit=settings.journey_history_limit,
+        policy=policy,
     ):
         task = asyncio.create_task(router.run(stop))
         try:

@@ -12,6 +12,7 @@ from temporalio.exceptions import ApplicationError
 
 from activities import waits, webhooks
 from activities.channels import CHANNELS, RenderedMessage
+from activities.contact_policy import ContactPolicy
 from activities.rendering import TemplateError, render
 from activities.scoring import MODELS
 from models.runtime import (
@@ -51,9 +52,16 @@ def template_context(
 
 
 class JourneyActivities:
-    def __init__(self, pool: asyncpg.Pool, http: httpx.AsyncClient | None = None) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        http: httpx.AsyncClient | None = None,
+        *,
+        policy: ContactPolicy | None = None,
+    ) -> None:
         self.pool = pool
         self.http = http or httpx.AsyncClient()
+        self.policy = policy or ContactPolicy([])
 
     async def _profile(self, customer_id: str, *, stats: bool) -> ProfileSnapshot:
         # A merged-away customer reads as the survivor it was merged into.
@@ -99,29 +107,62 @@ class JourneyActivities:
             raise ApplicationError(
                 f"step {req.step_id!r}: template error: {err}", type="TemplateError"
             ) from err
-        row = await self.pool.fetchrow(
-            "INSERT INTO messages (idempotency_key, customer_id, journey_id, journey_version, "
-            "step_id, workflow_id, channel, subject, body, status) "
-            "VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,'pending') "
-            "ON CONFLICT (idempotency_key) "
-            "DO UPDATE SET idempotency_key = EXCLUDED.idempotency_key "
-            "RETURNING id, status",
-            req.idempotency_key,
-            customer_id,
-            req.journey_id,
-            req.journey_version,
-            req.step_id,
-            req.workflow_id,
-            req.channel,
-            subject,
-            body,
-        )
+        async with self.pool.acquire() as conn, conn.transaction():
+            await self.policy.lock(conn, customer_id)
+            row = await conn.fetchrow(
+                "SELECT id, status, skip_reason, address FROM messages WHERE idempotency_key = $1",
+                req.idempotency_key,
+            )
+            if row is None:
+                decision = await self.policy.decide(
+                    conn,
+                    customer_id=customer_id,
+                    traits=profile.traits,
+                    channel=req.channel,
+                    category=req.category,
+                    topic=req.topic,
+                    journey_id=req.journey_id,
+                    journey_cap=req.journey_cap,
+                )
+                row = await conn.fetchrow(
+                    "INSERT INTO messages (idempotency_key, customer_id, journey_id, "
+                    "journey_version, step_id, workflow_id, channel, subject, body, status, "
+                    "category, skip_reason, address) "
+                    "VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13) "
+                    "RETURNING id, status, skip_reason, address",
+                    req.idempotency_key,
+                    customer_id,
+                    req.journey_id,
+                    req.journey_version,
+                    req.step_id,
+                    req.workflow_id,
+                    req.channel,
+                    subject,
+                    body,
+                    "pending" if decision.allowed else "skipped",
+                    req.category,
+                    decision.reason,
+                    decision.address,
+                )
+                fresh = True
+            else:
+                fresh = False
         assert row is not None
+        if row["status"] == "skipped":
+            bound.info("send.skipped", reason=row["skip_reason"])
+            return SendResult(
+                message_id=row["id"],
+                status="skipped",
+                reason=row["skip_reason"],
+                duplicate=not fresh,
+            )
         if row["status"] != "pending":
             bound.info("send.duplicate", status=row["status"])
             return SendResult(message_id=row["id"], status=row["status"], duplicate=True)
         delivery = await channel.deliver(
-            RenderedMessage(req.idempotency_key, customer_id, req.channel, subject, body)
+            RenderedMessage(
+                req.idempotency_key, customer_id, req.channel, subject, body, to=row["address"]
+            )
         )
         await self.pool.execute(
             "UPDATE messages SET status = $2, sent_at = now() WHERE id = $1",

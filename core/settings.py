@@ -32,6 +32,12 @@ class Settings(BaseSettings):
     data_dir: Path = ROOT / ".data"
     log_format: str = Field(default="auto", description="json | console | auto (json off a TTY)")
     log_level: str = "INFO"
+    # Contact policy: marketing messages per customer, across journeys ("N/window"), and per
+    # channel ("email=2/1d,sms=1/1d"); consent when a customer never said (subscribed |
+    # unsubscribed, i.e. opt-out or opt-in).
+    frequency_cap: str = "3/7d"
+    channel_frequency_caps: str = ""
+    consent_default: str = "subscribed"
     # Outbox relay: how many stored events it routes per round.
     router_batch_size: int = 2000
     # Continue-as-new once the run's history has this many events (server suggests at 4096).

@@ -118,9 +118,14 @@ class BranchStep(_Step):
 
 
 class SendStep(_Step):
+    """`category: transactional` is exempt from consent and frequency caps (not from
+    suppression); `topic` is the subscription topic consent is checked against."""
+
     kind: Literal["send"]
-    channel: Literal["outbox"] = "outbox"
+    channel: Literal["outbox", "email"] = "outbox"
     template: Template
+    category: Literal["marketing", "transactional"] = "marketing"
+    topic: str = Field(default="marketing", pattern=r"^[a-z0-9][a-z0-9_\-]*$", max_length=64)
     next: str | None = None
 
 
@@ -292,6 +297,11 @@ class JourneyDefinition(_Strict):
         "(e.g. properties.appointment_id) instead of one per customer",
     )
     max_entries: int | None = Field(default=None, ge=1, description="cap on entries per customer")
+    frequency_cap: str | None = Field(
+        default=None,
+        pattern=r"^\d+/(\d+[smhdw])+$",
+        description="marketing messages from this journey per customer, e.g. 1/1d",
+    )
     steps: list[Step] = Field(min_length=1)
 
     @model_validator(mode="after")

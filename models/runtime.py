@@ -141,6 +141,9 @@ class ProfileSnapshot(BaseModel):
 
 class SendRequest(BaseModel):
     idempotency_key: str
+    category: Literal["marketing", "transactional"] = "marketing"
+    topic: str = "marketing"
+    journey_cap: str | None = None
     customer_id: str
     journey_id: str
     journey_version: int
@@ -154,8 +157,9 @@ class SendRequest(BaseModel):
 
 class SendResult(BaseModel):
     message_id: int
-    status: str
+    status: str  # sent | failed | skipped
     duplicate: bool
+    reason: str | None = None  # why skipped: no_address | no_consent | suppressed | capped
 
 
 class RunFinished(BaseModel):

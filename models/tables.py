@@ -82,6 +82,7 @@ class Message(SQLModel, table=True):
     """The send log: one row per send, reserved under its idempotency key before any effect."""
 
     __tablename__ = "messages"
+    __table_args__ = (sa.Index("ix_messages_customer_created", "customer_id", "created_at"),)
     id: int | None = Field(
         default=None, sa_column=sa.Column(sa.BigInteger, primary_key=True, autoincrement=True)
     )
@@ -94,7 +95,12 @@ class Message(SQLModel, table=True):
     channel: str = Field(max_length=32)
     subject: str | None = None
     body: str = ""
-    status: str = Field(max_length=32)
+    status: str = Field(max_length=32, description="pending | sent | failed | skipped")
+    category: str = Field(
+        default="marketing", max_length=16, sa_column_kwargs={"server_default": "marketing"}
+    )
+    skip_reason: str | None = Field(default=None, max_length=32)
+    address: str | None = Field(default=None, max_length=512)
     created_at: datetime | None = _ts()
     sent_at: datetime | None = _ts(nullable=True, default=False)
 
@@ -210,3 +216,25 @@ class Launch(SQLModel, table=True):
     created_at: datetime | None = _ts()
     updated_at: datetime | None = _ts()
     finished_at: datetime | None = _ts(nullable=True, default=False)
+
+
+class Subscription(SQLModel, table=True):
+    """Consent per customer, channel and topic; absent means the configured default."""
+
+    __tablename__ = "subscriptions"
+    customer_id: str = Field(primary_key=True, max_length=64)
+    channel: str = Field(primary_key=True, max_length=32)
+    topic: str = Field(primary_key=True, max_length=64)
+    status: str = Field(max_length=16, description="subscribed | unsubscribed")
+    source: str | None = Field(default=None, max_length=64)
+    updated_at: datetime | None = _ts()
+
+
+class Suppression(SQLModel, table=True):
+    """Addresses never to send to (hard bounce, complaint, manual)."""
+
+    __tablename__ = "suppressions"
+    channel: str = Field(primary_key=True, max_length=32)
+    address: str = Field(primary_key=True, max_length=512)
+    reason: str = Field(max_length=32)
+    created_at: datetime | None = _ts()

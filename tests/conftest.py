@@ -31,7 +31,7 @@ T = TypeVar("T")
 pytest_plugins = ["tests.receiver"]  # the `receiver` fixture: a local HTTP endpoint
 TABLES = (
     "events, identities, customers, messages, journey_runs, journey_versions, journeys, "
-    "applied_effects, tasks, launches"
+    "applied_effects, tasks, launches, subscriptions, suppressions"
 )
 
 configure_logging("console", os.environ.get("TEST_LOG_LEVEL", "WARNING"))

@@ -190,6 +190,9 @@ async def send(run: JourneyWorkflow, step: SendStep) -> str:
     info = workflow.info()
     request = SendRequest(
         idempotency_key=f"{run.state.enrollment_id}:{run.state.send_seq}",
+        category=step.category,
+        topic=step.topic,
+        journey_cap=run.journey.frequency_cap,
         customer_id=run.customer_id,
         journey_id=run.journey.id,
         journey_version=run.journey.version,
@@ -214,8 +217,12 @@ async def send(run: JourneyWorkflow, step: SendStep) -> str:
         run.state.results[step.id] = {"status": "failed", "error": str(err.cause or err)}
         run.outcome = "failed"
         return _after(run, step, step.next)
-    run.state.results[step.id] = {"status": result.status, "message_id": result.message_id}
-    run.outcome = result.status
+    run.state.results[step.id] = {
+        "status": result.status,
+        "message_id": result.message_id,
+        **({"reason": result.reason} if result.reason else {}),
+    }
+    run.outcome = f"skipped: {result.reason}" if result.status == "skipped" else result.status
     return _after(run, step, step.next)
 
 

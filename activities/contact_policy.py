@@ -1,0 +1,109 @@
+"""Contact policy, decided at every send inside the send's own transaction: consent per channel
+and topic, an address on the channel, the suppression list, and frequency caps across all
+journeys. A per-customer advisory lock serialises decisions, so two journeys racing for the
+last slot of a cap cannot both win; caps count messages in the database, never in memory.
+Transactional messages skip consent and caps (not suppression)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import asyncpg
+
+from models.durations import parse_duration
+
+# Where each channel's address lives on the profile.
+ADDRESS_TRAIT = {"email": "email", "sms": "phone", "push": "push_token"}
+
+
+@dataclass(frozen=True)
+class Cap:
+    limit: int
+    window: timedelta
+    channel: str | None = None  # None: across channels
+    journey_id: str | None = None  # None: across journeys
+
+    @classmethod
+    def parse(cls, text: str, **scope: Any) -> Cap:
+        m = re.fullmatch(r"\s*(\d+)\s*/\s*(\S+)\s*", text)
+        if not m:
+            raise ValueError(f"invalid frequency cap {text!r}: use N/window, e.g. 3/7d")
+        return cls(int(m.group(1)), parse_duration(m.group(2)), **scope)
+
+
+def parse_caps(overall: str, per_channel: str) -> list[Cap]:
+    caps = [Cap.parse(overall)] if overall.strip() else []
+    for item in filter(None, (p.strip() for p in per_channel.split(","))):
+        channel, _, cap = item.partition("=")
+        caps.append(Cap.parse(cap, channel=channel.strip()))
+    return caps
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    reason: str | None = None  # no_address | no_consent | suppressed | capped
+    address: str | None = None
+
+
+class ContactPolicy:
+    def __init__(self, caps: list[Cap], *, consent_default: str = "subscribed") -> None:
+        self.caps = caps
+        self.consent_default = consent_default
+
+    async def lock(self, conn: asyncpg.Connection, customer_id: str) -> None:
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext('contact:' || $1))", customer_id)
+
+    async def decide(
+        self,
+        conn: asyncpg.Connection,
+        *,
+        customer_id: str,
+        traits: dict[str, Any],
+        channel: str,
+        category: str,
+        topic: str,
+        journey_id: str | None,
+        journey_cap: str | None = None,
+    ) -> Decision:
+        """Call with `lock` held in the same transaction as the reservation."""
+        address: str | None = None
+        if channel in ADDRESS_TRAIT:
+            value = traits.get(ADDRESS_TRAIT[channel])
+            if not isinstance(value, str) or not value.strip():
+                return Decision(False, "no_address")
+            address = value.strip().lower() if channel == "email" else value.strip()
+            if await conn.fetchval(
+                "SELECT 1 FROM suppressions WHERE channel = $1 AND address = $2", channel, address
+            ):
+                return Decision(False, "suppressed", address)
+        if category == "transactional":
+            return Decision(True, None, address)
+        status = await conn.fetchval(
+            "SELECT status FROM subscriptions WHERE customer_id = $1 AND channel = $2 "
+            "AND topic = $3",
+            customer_id,
+            channel,
+            topic,
+        )
+        if (status or self.consent_default) != "subscribed":
+            return Decision(False, "no_consent", address)
+        caps = list(self.caps)
+        if journey_cap:
+            caps.append(Cap.parse(journey_cap, journey_id=journey_id))
+        for cap in caps:
+            used = await conn.fetchval(
+                "SELECT count(*) FROM messages WHERE customer_id = $1 AND category = 'marketing' "
+                "AND status IN ('pending', 'sent') AND created_at > now() - $2::interval "
+                "AND ($3::text IS NULL OR channel = $3) AND ($4::text IS NULL OR journey_id = $4)",
+                customer_id,
+                cap.window,
+                cap.channel,
+                cap.journey_id,
+            )
+            if used >= cap.limit:
+                return Decision(False, "capped", address)
+        return Decision(True, None, address)

@@ -1,0 +1,105 @@
+"""Consent (subscriptions per channel and topic) and the suppression list (admin key)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from fastapi import APIRouter, Response
+from pydantic import BaseModel, Field
+
+from api.deps import AdminDep, PoolDep
+from api.errors import ApiError
+from store.profiles import find_customer
+
+router = APIRouter(tags=["contact"], dependencies=[AdminDep])
+
+Channel = Literal["outbox", "email", "sms", "push", "webhook", "in_app"]
+
+
+class SubscriptionPublic(BaseModel):
+    channel: Channel
+    topic: str = Field(default="marketing", pattern=r"^[a-z0-9][a-z0-9_\-]*$", max_length=64)
+    status: Literal["subscribed", "unsubscribed"]
+    source: str | None = Field(default="api", max_length=64)
+
+
+class SuppressionPublic(BaseModel):
+    channel: Channel
+    address: str = Field(min_length=1, max_length=512)
+    reason: Literal["hard_bounce", "complaint", "manual"] = "manual"
+    created_at: datetime | None = None
+
+
+async def _cid(pool: PoolDep, ref: str) -> str:
+    cid = await find_customer(pool, ref)
+    if cid is None:
+        raise ApiError(404, "not_found", f"no customer {ref!r}")
+    return cid
+
+
+@router.get("/v1/customers/{ref}/subscriptions", response_model=list[SubscriptionPublic])
+async def list_subscriptions(ref: str, pool: PoolDep) -> list[SubscriptionPublic]:
+    """Explicit choices only; a channel/topic not listed follows CONSENT_DEFAULT."""
+    rows = await pool.fetch(
+        "SELECT channel, topic, status, source FROM subscriptions WHERE customer_id = $1 "
+        "ORDER BY channel, topic",
+        await _cid(pool, ref),
+    )
+    return [SubscriptionPublic.model_validate(dict(r)) for r in rows]
+
+
+@router.put("/v1/customers/{ref}/subscriptions", response_model=SubscriptionPublic)
+async def set_subscription(ref: str, body: SubscriptionPublic, pool: PoolDep) -> SubscriptionPublic:
+    """Opt in or out; the very next send on that channel and topic honours it."""
+    await pool.execute(
+        "INSERT INTO subscriptions (customer_id, channel, topic, status, source) "
+        "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (customer_id, channel, topic) "
+        "DO UPDATE SET status = $4, source = $5, updated_at = now()",
+        await _cid(pool, ref),
+        body.channel,
+        body.topic,
+        body.status,
+        body.source,
+    )
+    return body
+
+
+def _address(channel: str, address: str) -> str:
+    return address.strip().lower() if channel == "email" else address.strip()
+
+
+@router.get("/v1/suppressions", response_model=list[SuppressionPublic])
+async def list_suppressions(
+    pool: PoolDep, channel: Channel | None = None
+) -> list[SuppressionPublic]:
+    rows = await pool.fetch(
+        "SELECT * FROM suppressions WHERE ($1::text IS NULL OR channel = $1) "
+        "ORDER BY created_at DESC LIMIT 1000",
+        channel,
+    )
+    return [SuppressionPublic.model_validate(dict(r)) for r in rows]
+
+
+@router.post("/v1/suppressions", response_model=SuppressionPublic, status_code=201)
+async def add_suppression(body: SuppressionPublic, pool: PoolDep) -> SuppressionPublic:
+    row = await pool.fetchrow(
+        "INSERT INTO suppressions (channel, address, reason) VALUES ($1, $2, $3) "
+        "ON CONFLICT (channel, address) DO UPDATE SET reason = $3 RETURNING *",
+        body.channel,
+        _address(body.channel, body.address),
+        body.reason,
+    )
+    return SuppressionPublic.model_validate(dict(row))
+
+
+@router.delete("/v1/suppressions/{channel}/{address}", status_code=204)
+async def remove_suppression(channel: Channel, address: str, pool: PoolDep) -> Response:
+    status = await pool.execute(
+        "DELETE FROM suppressions WHERE channel = $1 AND address = $2",
+        channel,
+        _address(channel, address),
+    )
+    if status.endswith(" 0"):
+        raise ApiError(404, "not_found", f"{address!r} is not suppressed on {channel}")
+    return Response(status_code=204)
