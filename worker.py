@@ -15,6 +15,7 @@ from temporalio import activity, workflow
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+from activities.channels import Channel, build_channels
 from activities.contact_policy import ContactPolicy, parse_caps
 from activities.journey_activities import JourneyActivities
 from activities.launch_activities import LaunchActivities
@@ -36,6 +37,7 @@ def build_worker(
     *,
     history_limit: int = 2000,
     policy: ContactPolicy | None = None,
+    channels: dict[str, Channel] | None = None,
 ) -> Worker:
     # Ids travel as structured fields (see core.logs), not appended to the message text.
     workflow.logger.workflow_info_on_message = False
@@ -45,7 +47,10 @@ def build_worker(
         client,
         task_queue=task_queue,
         workflows=[JourneyWorkflow, LaunchWorkflow],
-        activities=[*JourneyActivities(pool, policy=policy).all(), *launches.all()],
+        activities=[
+            *JourneyActivities(pool, policy=policy, channels=channels).all(),
+            *launches.all(),
+        ],
         max_concurrent_activities=200,
     )
 
@@ -73,6 +78,7 @@ async def running_worker(
         settings.temporal_task_queue,
         history_limit=settings.journey_history_limit,
         policy=policy,
+        channels=build_channels(settings),
     ):
         task = asyncio.create_task(router.run(stop))
         try:

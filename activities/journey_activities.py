@@ -11,7 +11,8 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities import waits, webhooks
-from activities.channels import CHANNELS, RenderedMessage
+from activities.channels import Channel, OutboxChannel, RenderedMessage
+from activities.channels.email import PermanentDeliveryError
 from activities.contact_policy import ContactPolicy
 from activities.rendering import TemplateError, render
 from activities.scoring import MODELS
@@ -58,8 +59,10 @@ class JourneyActivities:
         http: httpx.AsyncClient | None = None,
         *,
         policy: ContactPolicy | None = None,
+        channels: dict[str, Channel] | None = None,
     ) -> None:
         self.pool = pool
+        self.channels = channels or {"outbox": OutboxChannel()}
         self.http = http or httpx.AsyncClient()
         self.policy = policy or ContactPolicy([])
 
@@ -94,9 +97,11 @@ class JourneyActivities:
             step=req.step_id,
             key=req.idempotency_key,
         )
-        channel = CHANNELS.get(req.channel)
+        channel = self.channels.get(req.channel)
         if channel is None:
-            raise ApplicationError(f"unknown channel {req.channel!r}", type="InvalidRequest")
+            raise ApplicationError(
+                f"channel {req.channel!r} is not configured here", type="InvalidRequest"
+            )
         profile = await self._profile(req.customer_id, stats=False)
         customer_id = profile.customer_id  # the survivor, if the customer was merged meanwhile
         ctx = template_context(profile, req.entry, req.journey_id, req.journey_version)
@@ -159,11 +164,30 @@ class JourneyActivities:
         if row["status"] != "pending":
             bound.info("send.duplicate", status=row["status"])
             return SendResult(message_id=row["id"], status=row["status"], duplicate=True)
-        delivery = await channel.deliver(
-            RenderedMessage(
-                req.idempotency_key, customer_id, req.channel, subject, body, to=row["address"]
+        try:
+            delivery = await channel.deliver(
+                RenderedMessage(
+                    req.idempotency_key, customer_id, req.channel, subject, body, to=row["address"]
+                )
             )
-        )
+        except PermanentDeliveryError as err:
+            # A hard bounce: recorded on the message, and the address is suppressed.
+            async with self.pool.acquire() as conn, conn.transaction():
+                await conn.execute(
+                    "UPDATE messages SET status = 'bounced', skip_reason = $2 WHERE id = $1",
+                    row["id"],
+                    f"hard_bounce {err.code}",
+                )
+                await conn.execute(
+                    "INSERT INTO suppressions (channel, address, reason) VALUES ($1, $2, "
+                    "'hard_bounce') ON CONFLICT DO NOTHING",
+                    req.channel,
+                    row["address"],
+                )
+            bound.warning("send.bounced", code=err.code, error=err.message)
+            return SendResult(
+                message_id=row["id"], status="bounced", reason="hard_bounce", duplicate=False
+            )
         await self.pool.execute(
             "UPDATE messages SET status = $2, sent_at = now() WHERE id = $1",
             row["id"],

@@ -38,6 +38,16 @@ class Settings(BaseSettings):
     frequency_cap: str = "3/7d"
     channel_frequency_caps: str = ""
     consent_default: str = "subscribed"
+    # Email channel (SMTP); unset smtp_host = no email channel.
+    smtp_host: str | None = None
+    smtp_port: int = 587
+    smtp_username: str | None = None
+    smtp_password: str | None = None
+    smtp_use_tls: bool = False  # implicit TLS (usually port 465)
+    smtp_start_tls: bool | None = None  # None = STARTTLS when the server offers it
+    smtp_timeout: float = 10
+    email_from: str = "Journeys <noreply@localhost>"
+    email_sender_domain: str = "localhost"  # right-hand side of Message-ID
     # Outbox relay: how many stored events it routes per round.
     router_batch_size: int = 2000
     # Continue-as-new once the run's history has this many events (server suggests at 4096).

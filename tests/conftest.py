@@ -28,7 +28,8 @@ from core.temporal import SEARCH_ATTRIBUTES, register_search_attributes
 from store.db import create_pool, migrate_sync
 
 T = TypeVar("T")
-pytest_plugins = ["tests.receiver"]  # the `receiver` fixture: a local HTTP endpoint
+# Fixtures: `receiver` (a local HTTP endpoint), `smtp` (a local SMTP server).
+pytest_plugins = ["tests.receiver", "tests.smtp"]
 TABLES = (
     "events, identities, customers, messages, journey_runs, journey_versions, journeys, "
     "applied_effects, tasks, launches, subscriptions, suppressions"

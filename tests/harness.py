@@ -15,6 +15,7 @@ from temporalio.client import WorkflowHandle
 from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 
+from activities.channels import Channel
 from activities.contact_policy import ContactPolicy
 from activities.router import EventRouter
 from api.main import create_app
@@ -99,12 +100,13 @@ async def engine(
     task_queue: str | None = None,
     terminate: bool = True,
     policy: ContactPolicy | None = None,
+    channels: dict[str, Channel] | None = None,
     **router: Any,
 ) -> AsyncIterator[Engine]:
     """Caps are off unless a test passes a policy (`policy=ContactPolicy([Cap...])`)."""
     eng = Engine(pool, env, task_queue or f"tq-{uuid.uuid4().hex[:8]}", **router)
     try:
-        async with build_worker(env.client, pool, eng.task_queue, policy=policy):
+        async with build_worker(env.client, pool, eng.task_queue, policy=policy, channels=channels):
             yield eng
     finally:
         # A run left waiting on a queue nobody polls would stop the time-skipping server

@@ -8,7 +8,7 @@ it, SMTP carries it as Message-ID) and answers with a Delivery. `outbox` stores 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 
 @dataclass(frozen=True)
@@ -44,4 +44,21 @@ class OutboxChannel:
         return Delivery(status="sent", provider_id=message.idempotency_key)
 
 
-CHANNELS: dict[str, Channel] = {"outbox": OutboxChannel()}
+def build_channels(settings: Any) -> dict[str, Channel]:
+    """The channels this deployment has: outbox always, email when SMTP is configured."""
+    channels: dict[str, Channel] = {"outbox": OutboxChannel()}
+    if settings.smtp_host:
+        from activities.channels.email import EmailChannel
+
+        channels["email"] = EmailChannel(
+            host=settings.smtp_host,
+            port=settings.smtp_port,
+            sender=settings.email_from,
+            sender_domain=settings.email_sender_domain,
+            username=settings.smtp_username,
+            password=settings.smtp_password,
+            use_tls=settings.smtp_use_tls,
+            start_tls=settings.smtp_start_tls,
+            timeout=settings.smtp_timeout,
+        )
+    return channels

@@ -1,0 +1,126 @@
+"""Email over SMTP (aiosmtplib).
+
+The Message-ID is derived from the send's idempotency key, not generated per attempt: every
+attempt of one send (an activity retry, a worker restarted mid-send) carries the same
+Message-ID, so receivers and providers that deduplicate on it show the message once.
+
+`send_message` reserves the message under the key before calling the channel and records the
+outcome after, so a completed send is never repeated. The one window SMTP cannot close: the
+server accepted the message (250 after DATA) but the worker crashed or lost the connection
+before the outcome was recorded. The retry sends again, with the same Message-ID; a receiver
+that deduplicates on Message-ID shows it once, one that does not shows it twice.
+
+Errors: a 5xx refusal of the recipient or of the message is permanent and raises
+`PermanentDeliveryError` (the caller records a bounce). Everything else (4xx, connection
+errors, timeouts, and also 5xx answers about our own setup: authentication, sender, HELO)
+raises the aiosmtplib / OS error unchanged, so the activity retries.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from email.message import EmailMessage
+from email.utils import formatdate, parseaddr
+
+import aiosmtplib
+
+from activities.channels import Delivery, RenderedMessage
+
+IDEMPOTENCY_HEADER = "X-Journeys-Idempotency-Key"
+
+
+class PermanentDeliveryError(ValueError):
+    """The server refused the recipient or the message for good (SMTP 5xx): do not retry."""
+
+    def __init__(self, code: int, message: str, recipient: str | None = None) -> None:
+        self.code = code
+        self.message = message
+        self.recipient = recipient
+        where = f" for {recipient}" if recipient else ""
+        super().__init__(f"SMTP {code}{where}: {message}")
+
+
+def message_id_for(idempotency_key: str, sender_domain: str) -> str:
+    """The Message-ID of every attempt of one send: `<sha256(key)[:32]@domain>`."""
+    digest = hashlib.sha256(idempotency_key.encode()).hexdigest()[:32]
+    return f"<{digest}@{sender_domain}>"
+
+
+class EmailChannel:
+    name = "email"
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        sender: str,
+        sender_domain: str,
+        username: str | None = None,
+        password: str | None = None,
+        use_tls: bool = False,
+        start_tls: bool | None = None,
+        timeout: float = 10,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.sender = sender
+        self.sender_domain = sender_domain
+        self.username = username
+        self.password = password
+        self.use_tls = use_tls
+        self.start_tls = start_tls  # None: STARTTLS when the server offers it
+        self.timeout = timeout
+
+    def build(self, message: RenderedMessage) -> EmailMessage:
+        """The MIME message for one send (deterministic apart from Date)."""
+        if not message.to:
+            raise ValueError(
+                f"email message {message.idempotency_key!r} has no `to` address "
+                f"(customer {message.customer_id!r})"
+            )
+        msg = EmailMessage()
+        # Header values with CR/LF are rejected by the email policy (no header injection).
+        msg["From"] = self.sender
+        msg["To"] = message.to
+        msg["Subject"] = message.subject or ""
+        msg["Date"] = formatdate(usegmt=True)
+        msg["Message-ID"] = message_id_for(message.idempotency_key, self.sender_domain)
+        msg[IDEMPOTENCY_HEADER] = message.idempotency_key
+        if message.unsubscribe_url:
+            msg["List-Unsubscribe"] = f"<{message.unsubscribe_url}>"
+            msg["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"  # RFC 8058
+        msg.set_content(message.body)
+        if message.html:
+            msg.add_alternative(message.html, subtype="html")
+        return msg
+
+    async def deliver(self, message: RenderedMessage) -> Delivery:
+        msg = self.build(message)
+        recipient = parseaddr(message.to or "")[1] or (message.to or "")
+        try:
+            await aiosmtplib.send(
+                msg,
+                sender=parseaddr(self.sender)[1] or self.sender,
+                recipients=[recipient],
+                hostname=self.host,
+                port=self.port,
+                username=self.username,
+                password=self.password,
+                use_tls=self.use_tls,
+                start_tls=self.start_tls,
+                timeout=self.timeout,
+            )
+        except aiosmtplib.SMTPRecipientsRefused as err:
+            # One recipient, so one refusal; permanent only if it is a 5xx.
+            refusal = err.recipients[0] if err.recipients else None
+            if refusal is not None and refusal.code >= 500:
+                raise PermanentDeliveryError(
+                    refusal.code, refusal.message, refusal.recipient
+                ) from err
+            raise
+        except (aiosmtplib.SMTPRecipientRefused, aiosmtplib.SMTPDataError) as err:
+            if err.code >= 500:
+                raise PermanentDeliveryError(err.code, err.message, recipient) from err
+            raise
+        return Delivery(status="sent", provider_id=msg["Message-ID"])

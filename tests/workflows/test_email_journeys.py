@@ -1,0 +1,66 @@
+"""A journey sending real email through the SMTP channel to a local aiosmtpd server."""
+
+from __future__ import annotations
+
+from activities.channels import OutboxChannel
+from activities.channels.email import EmailChannel, message_id_for
+from tests.harness import engine, identify, track
+
+JOURNEY = {
+    "id": "mail",
+    "name": "Mail",
+    "entry": {"event": "Started"},
+    "steps": [
+        {"id": "hello", "kind": "send", "channel": "email",
+         "template": {"subject": "Hi {{ profile.first_name }}", "body": "Welcome!"}},
+    ],
+}  # fmt: skip
+
+
+def _channels(port: int) -> dict:
+    mail = EmailChannel(host="127.0.0.1", port=port, sender="Shop <news@shop.example>",
+                        sender_domain="shop.example", timeout=5)  # fmt: skip
+    return {"outbox": OutboxChannel(), "email": mail}
+
+
+async def test_email_is_sent_once_with_a_message_id_from_its_key(db, ts_env, smtp):
+    recorder, port = smtp
+    async with engine(db, ts_env, channels=_channels(port)) as eng:
+        await eng.publish(JOURNEY)
+        await eng.send(identify("em", email="Em@Example.com", first_name="Em"))
+        await eng.send(track("em", "Started"))
+        await eng.result(await eng.run("mail", "em"))
+        (row,) = await eng.messages("em")
+        assert (row["status"], row["address"]) == ("sent", "em@example.com")
+        (mail,) = recorder.messages()
+        assert mail["To"] == "em@example.com"
+        assert mail["Subject"] == "Hi Em"
+        assert mail["Message-ID"] == message_id_for(row["idempotency_key"], "shop.example")
+
+
+async def test_a_hard_bounce_suppresses_the_address(db, ts_env, smtp):
+    recorder, port = smtp
+    async with engine(db, ts_env, channels=_channels(port)) as eng:
+        await eng.publish(JOURNEY)
+        await eng.send(identify("gone", email="gone@example.com", first_name="G"))
+        await eng.send(identify("none", first_name="N"))  # no address on the channel
+        await eng.send(track("gone", "Started"), track("none", "Started"))
+        await eng.result(await eng.run("mail", "gone"))
+        await eng.result(await eng.run("mail", "none"))
+        (bounced,) = await eng.messages("gone")
+        assert (bounced["status"], bounced["skip_reason"]) == ("bounced", "hard_bounce 550")
+        assert (
+            await db.fetchval(
+                "SELECT reason FROM suppressions WHERE channel = 'email' AND address = $1",
+                "gone@example.com",
+            )
+            == "hard_bounce"
+        )
+        (skipped,) = await eng.messages("none")
+        assert (skipped["status"], skipped["skip_reason"]) == ("skipped", "no_address")
+        await eng.send(track("gone", "Started"))  # the next time: suppressed, not tried
+        await eng.result(await eng.run("mail", "gone"))
+        assert [m["skip_reason"] for m in await eng.messages("gone")] == [
+            "hard_bounce 550", "suppressed",
+        ]  # fmt: skip
+        assert recorder.messages() == []
