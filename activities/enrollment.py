@@ -25,6 +25,7 @@ from temporalio.common import (
     WorkflowIDReusePolicy,
 )
 from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.service import RPCError, RPCStatusCode
 
 from core.temporal import CUSTOMER_ID, JOURNEY_ID, JOURNEY_STATUS, JOURNEY_STEP, JOURNEY_VERSION
 from models.conditions import resolve
@@ -196,7 +197,13 @@ async def start_run(
         existing = client.get_workflow_handle(start.workflow_id)
         desc = await existing.describe()
         memo = await desc.memo()
-        await existing.signal("events", start.events)
+        try:
+            await existing.signal("events", start.events)
+        except RPCError as err:
+            if err.status != RPCStatusCode.NOT_FOUND:
+                raise
+            # It closed between the two calls: now the start goes through.
+            return await start_run(client, task_queue, history_limit, start)
         if memo.get("enrollment") != start.enrollment_id:
             log.info("journey.entry_deferred", workflow_id=start.workflow_id, customer_id=cid)
             return None

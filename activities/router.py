@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -145,14 +144,15 @@ class EventRouter:
             self._journeys_stale = True
             log.info("router.leader")
             backoff = 0.2
-            next_sweep = 0.0
+            # The sweep of interrupted starts runs beside routing, never in its way.
+            sweeper = asyncio.create_task(self._sweep(stop))
             while not stop.is_set():
                 if conn.is_closed():
+                    sweeper.cancel()
                     return  # lost the lock with the connection: become leader again
+                # Cleared before routing: a NOTIFY during this round wakes the next one.
+                self._wake.clear()
                 try:
-                    if time.monotonic() >= next_sweep:
-                        await self.recover_stale_starts()
-                        next_sweep = time.monotonic() + SWEEP_SECONDS
                     n = await self.route_once()
                     backoff = 0.2
                 except Exception:
@@ -163,7 +163,6 @@ class EventRouter:
                     continue
                 if n >= self.batch_size:
                     continue
-                self._wake.clear()
                 # NOTIFY wakes us at once; the timeout is a safety net for a lost notification.
                 waiters = [
                     asyncio.ensure_future(self._wake.wait()),
@@ -186,6 +185,15 @@ class EventRouter:
         self._journeys_stale = True
         self._wake.set()
 
+    async def _sweep(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await self.recover_stale_starts()
+            except Exception:
+                log.exception("router.sweep_error")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), SWEEP_SECONDS)
+
     async def recover_stale_starts(self, older_than: float = SWEEP_SECONDS) -> int:
         """Start enrollments left `starting` by a crash (router or enroll API) with no event
         since to carry them; the row holds the entry event and the pinned version."""
@@ -194,7 +202,7 @@ class EventRouter:
             "FROM journey_runs r JOIN journey_versions v "
             "ON v.journey_id = r.journey_id AND v.version = r.journey_version "
             "WHERE r.status = 'starting' AND r.entry IS NOT NULL "
-            "AND r.started_at < now() - make_interval(secs => $1)",
+            "AND r.started_at < now() - make_interval(secs => $1) ORDER BY r.started_at LIMIT 500",
             older_than,
         )
         starts = [
@@ -271,10 +279,13 @@ class EventRouter:
                     plan.starts.append(
                         Start(pinned, cid, r.enrollment_id, r.workflow_id, own + relevant)
                     )
-                plan.signals.extend(
-                    _Signal(r.workflow_id, r.enrollment_id, journey, cid, relevant, routed.open)
-                    for r in history.running
-                )
+                # A running run gets this customer's entries only along with an event it
+                # reacts to (an entry after its exit is then handed back by the run).
+                if any(_hits(routed.interest, e) for e in relevant):
+                    plan.signals.extend(
+                        _Signal(r.workflow_id, r.enrollment_id, journey, cid, relevant, routed.open)
+                        for r in history.running
+                    )
                 for i, event in enumerate(relevant):
                     if routed.open and journey.entry.matches(event.as_context()):
                         start = await enroll(conn, journey, cid, event, relevant[i:], history)

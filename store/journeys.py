@@ -124,6 +124,7 @@ class RoutedJourney:
     current: JourneyDefinition
     status: str
     keys: set[tuple[str, str | None]]
+    interest: set[tuple[str, str | None]]  # what running runs react to (not entries)
 
     @property
     def open(self) -> bool:
@@ -139,11 +140,12 @@ async def routed_journeys(conn: asyncpg.Connection | asyncpg.Pool) -> list[Route
     out: dict[str, RoutedJourney] = {}
     for r in rows:
         defn = JourneyDefinition.model_validate(r["definition"])
-        keys = {(m.type, m.event) for m in [defn.entry, *defn.interesting()]}
+        interest = {(m.type, m.event) for m in defn.interesting()}
         if r["id"] not in out:
-            out[r["id"]] = RoutedJourney(defn, r["status"], set())
+            out[r["id"]] = RoutedJourney(defn, r["status"], set(), set())
         routed = out[r["id"]]
-        routed.keys |= keys
+        routed.keys |= interest | {(defn.entry.type, defn.entry.event)}
+        routed.interest |= interest
         if r["version"] == r["current_version"]:
             routed.current = defn
     return list(out.values())
