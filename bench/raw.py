@@ -29,6 +29,7 @@ with workflow.unsafe.imports_passed_through():
     from bench.stats import summary
 
 MAX_EVENTS_PER_RUN = 1000
+MAX_MISSES = 5  # consecutive latency samples that time out: stop the phase
 IDLE_TIMEOUT = timedelta(hours=1)
 
 DDL = """
@@ -222,11 +223,16 @@ async def run_latency(
     samples: int,
     gap: float,
     limit_s: float,
+    budget_s: float = 600.0,
 ) -> list[dict[str, Any]]:
     """One fresh workflow per sample: client SWS call -> the activity's recorded time."""
     out: list[dict[str, Any]] = []
     loop = asyncio.get_running_loop()
+    t_begin = time.monotonic()
+    misses = 0
     for i in range(samples):
+        if time.monotonic() - t_begin > budget_s or misses >= MAX_MISSES:
+            break  # the phase's time budget is spent, or the pipeline is stuck
         user = f"raw-lat-{tag}-{i}"
         mid = f"raw-lat-{tag}-{i}-{uuid.uuid4().hex[:8]}"
         fut: asyncio.Future[float] = loop.create_future()
@@ -249,9 +255,11 @@ async def run_latency(
             t_act = await asyncio.wait_for(fut, limit_s)
             sample["t_activity"] = t_act
             sample["latency_ms"] = (t_act - t0) * 1000
+            misses = 0
         except TimeoutError:
             acts.waiters.pop(mid, None)
             sample["timeout"] = True
+            misses += 1
         out.append(sample)
         if gap:
             await asyncio.sleep(gap)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -34,6 +35,13 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+_IDS = re.compile(r"[0-9a-f]{8}-[0-9a-f-]{27,}|[0-9a-f]{16,}|\b\d+(\.\d+)?\b")
+
+
+def _mask(text: str) -> str:
+    return _IDS.sub("#", text)
 
 
 def _tail(path: Path, lines: int = 30) -> str:
@@ -135,28 +143,36 @@ class Stack:
             out["postgres"] = int(self.pg.get_pid())
         return out
 
-    def log_problems(self) -> dict[str, dict[str, int]]:
-        """Counts of WARNING/ERROR lines per process log (LOG_LEVEL=WARNING keeps only those)."""
-        out: dict[str, dict[str, int]] = {}
+    def log_problems(self, top: int = 12) -> dict[str, Any]:
+        """Digest of each app log (LOG_LEVEL=WARNING keeps only problems): counts per level and
+        the most frequent messages, ids masked, with the last line of any exception."""
+        out: dict[str, Any] = {}
         for name in ("worker", "api"):
             text = ""
             with contextlib.suppress(OSError):
                 text = (self.logs / f"{name}.log").read_text(errors="replace")
-            counts: dict[str, int] = {"lines": 0}
+            levels: dict[str, int] = {}
+            messages: dict[str, int] = {}
             for line in text.splitlines():
-                counts["lines"] += 1
-                level = "other"
                 try:
                     rec = json.loads(line)
-                    if isinstance(rec, dict):
-                        level = str(rec.get("level", "other")).lower()
-                        event = str(rec.get("event", ""))[:60]
-                        counts[f"{level}:{event}"] = counts.get(f"{level}:{event}", 0) + 1
                 except ValueError:
-                    head = line.split(":", 1)[0].strip().lower()
-                    level = head if head in ("warning", "error", "critical") else "other"
-                counts[level] = counts.get(level, 0) + 1
-            out[name] = counts
+                    rec = None
+                if isinstance(rec, dict):
+                    level = str(rec.get("level", "?")).lower()
+                    msg = str(rec.get("event", ""))
+                    exc = str(rec.get("exception") or "").strip().splitlines()
+                    if exc:
+                        msg += " | " + exc[-1]
+                elif line[:1].isspace() or not line.strip():
+                    continue  # inside a traceback printed as text
+                else:
+                    level, msg = "text", line
+                levels[level] = levels.get(level, 0) + 1
+                key = f"{level}: {_mask(msg)[:300]}"
+                messages[key] = messages.get(key, 0) + 1
+            common = sorted(messages.items(), key=lambda kv: -kv[1])[:top]
+            out[name] = {"lines": sum(levels.values()), "levels": levels, "top": dict(common)}
         return out
 
     def log_samples(self, name: str, lines: int = 5) -> str:

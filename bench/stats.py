@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import platform
 import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -83,26 +85,45 @@ def cpu_snapshot(roots: dict[str, int]) -> dict[str, float]:
     return out
 
 
+def _machine_cpu() -> tuple[float, float]:
+    """(busy, iowait) CPU seconds of the whole machine since boot, from /proc/stat."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        f = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        user, nice, system, _idle, iowait, irq, softirq, steal = f[:8]
+        return (user + nice + system + irq + softirq + steal) / _TICK, iowait / _TICK
+    return 0.0, 0.0
+
+
 class CpuMeter:
-    """CPU seconds per process group between `start()` and `stop()`."""
+    """CPU seconds per process group between `start()` and `stop()`, and the machine's.
+
+    `others_cores_busy` is what processes outside this run used meanwhile (the machine is
+    shared: anything above ~0.1 means the figures were measured under interference)."""
 
     def __init__(self, roots: dict[str, int]) -> None:
         self.roots = {"bench": os.getpid(), **roots}
         self._t0 = 0.0
         self._c0: dict[str, float] = {}
+        self._m0 = (0.0, 0.0)
 
     def start(self) -> CpuMeter:
         self._t0 = time.monotonic()
         self._c0 = cpu_snapshot(self.roots)
+        self._m0 = _machine_cpu()
         return self
 
     def stop(self) -> dict[str, Any]:
         wall = time.monotonic() - self._t0
         c1 = cpu_snapshot(self.roots)
+        m1 = _machine_cpu()
         used = {k: round(c1[k] - self._c0.get(k, 0.0), 2) for k in c1}
         total = round(sum(used.values()), 2)
         cores = os.cpu_count() or 1
+        machine = m1[0] - self._m0[0]
         return {
+            "machine_cores_busy": round(machine / wall, 2) if wall else None,
+            "others_cores_busy": round(max(0.0, machine - total) / wall, 2) if wall else None,
+            "iowait_cores": round((m1[1] - self._m0[1]) / wall, 2) if wall else None,
             "wall_s": round(wall, 2),
             "cpu_s": used,
             "cpu_s_total": total,
@@ -227,3 +248,22 @@ async def idle_cores(roots: dict[str, int], names: list[str], seconds: float = 2
     await asyncio.sleep(seconds)
     c1, t1 = cpu_snapshot(roots), time.monotonic()
     return sum(c1.get(n, 0.0) - c0.get(n, 0.0) for n in names) / (t1 - t0)
+
+
+def code_fingerprint() -> dict[str, Any]:
+    """Which app code was measured: others edit it while benches run, often uncommitted."""
+    files = [ROOT / "worker.py"]
+    for folder in ("api", "activities", "core", "models", "store", "workflows", "migrations"):
+        files += sorted((ROOT / folder).rglob("*.py"))
+    digest = hashlib.sha256()
+    newest = 0.0
+    for f in files:
+        with contextlib.suppress(OSError):
+            digest.update(str(f.relative_to(ROOT)).encode() + b"\0" + f.read_bytes())
+            newest = max(newest, f.stat().st_mtime)
+    return {
+        "git_head": _git_commit(),
+        "sha256_app_py": digest.hexdigest()[:16],
+        "files": len(files),
+        "newest_mtime_utc": datetime.fromtimestamp(newest, UTC).isoformat() if newest else None,
+    }
