@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import httpx
@@ -49,8 +50,6 @@ async def call(
     # Kept in the run's state (and carried over continue-as-new): bounded.
     body: Any = resp.text[:MAX_BODY]
     if "json" in resp.headers.get("content-type", "") and len(resp.content) <= MAX_BODY:
-        try:
+        with contextlib.suppress(ValueError):  # declared JSON but is not: keep the text
             body = resp.json()
-        except ValueError:
-            pass
     return WebhookResult(status=resp.status_code, ok=resp.status_code < 400, body=body)

@@ -16,7 +16,7 @@ from models.conditions import AllOf, AnyOf, Compare, Condition, Not
 
 
 class AudienceError(ValueError):
-    pass
+    """An audience condition that cannot be expressed over profiles (names the path)."""
 
 
 class _Sql:

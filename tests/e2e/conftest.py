@@ -69,7 +69,7 @@ class Stack:
                 if httpx.get(f"{self.api_url}/health", timeout=1).status_code == 200:
                     return
             except httpx.TransportError:
-                pass
+                pass  # not listening yet
             if self.procs["api"].poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("API did not start")
             time.sleep(0.05)
