@@ -13,12 +13,13 @@ from temporalio.exceptions import ApplicationError
 from activities import waits, webhooks
 from activities.channels import Channel, OutboxChannel, RenderedMessage
 from activities.channels.email import PermanentDeliveryError
-from activities.contact_policy import ContactPolicy
+from activities.contact_policy import ContactPolicy, Decision
 from activities.rendering import TemplateError, render
 from activities.scoring import MODELS
 from models.runtime import (
     ProfileSnapshot,
     ProfileUpdate,
+    QuietRequest,
     RunFinished,
     ScoreRequest,
     ScoreResult,
@@ -118,7 +119,9 @@ class JourneyActivities:
                 "SELECT id, status, skip_reason, address FROM messages WHERE idempotency_key = $1",
                 req.idempotency_key,
             )
-            if row is None:
+            if row is None and req.skip_reason is not None:
+                decision = Decision(False, req.skip_reason)
+            elif row is None:
                 decision = await self.policy.decide(
                     conn,
                     customer_id=customer_id,
@@ -129,6 +132,7 @@ class JourneyActivities:
                     journey_id=req.journey_id,
                     journey_cap=req.journey_cap,
                 )
+            if row is None:
                 row = await conn.fetchrow(
                     "INSERT INTO messages (idempotency_key, customer_id, journey_id, "
                     "journey_version, step_id, workflow_id, channel, subject, body, status, "
@@ -321,6 +325,14 @@ class JourneyActivities:
                 raise ApplicationError(f"task notification answered {resp.status_code}")
         return TaskCreated(task_id=row["id"])
 
+    @activity.defn(name="quiet_hours")
+    async def quiet_hours(self, req: QuietRequest) -> WaitResolution:
+        """When the quiet window ends, if `now` is inside it (customer's timezone)."""
+        profile = await self._profile(req.customer_id, stats=False)
+        zone = profile.stats.get("timezone") or profile.traits.get("timezone")
+        until = waits.quiet_until(req.now, req.start, req.end, zone)
+        return WaitResolution(deadline=until, note=f"timezone {zone or 'UTC'}")
+
     @activity.defn(name="resolve_wait")
     async def resolve_wait(self, req: WaitRequest) -> WaitResolution:
         profile = await self._profile(req.customer_id, stats=False)
@@ -340,6 +352,7 @@ class JourneyActivities:
             self.score,
             self.call_webhook,
             self.resolve_wait,
+            self.quiet_hours,
             self.create_task,
             self.release_events,
         ]

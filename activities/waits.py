@@ -60,3 +60,16 @@ def date_from(
         return WaitResolution(deadline=when + signed_duration(offset))
     except OverflowError:
         return WaitResolution(deadline=None, note=f"date out of range at {path}: {value!r}")
+
+
+def quiet_until(now: datetime, start: str, end: str, zone: str | None) -> datetime | None:
+    """The end of the quiet window containing `now`, or None when `now` is outside it."""
+    tz = _zone(zone)
+    local = now.astimezone(tz)
+    (sh, sm), (eh, em) = ((int(x) for x in t.split(":")) for t in (start, end))
+    t, s, e = (local.hour, local.minute), (sh, sm), (eh, em)
+    inside = s <= t < e if s < e else (t >= s or t < e)
+    if not inside:
+        return None
+    day = local.date() if t < e else local.date() + timedelta(days=1)
+    return datetime.combine(day, time(eh, em), tzinfo=tz).astimezone(now.tzinfo)

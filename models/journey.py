@@ -117,6 +117,15 @@ class BranchStep(_Step):
     else_: str = Field(alias="else")
 
 
+class QuietHours(_Strict):
+    """No send between `start` and `end` (local time in the customer's timezone; may span
+    midnight): `wait` until the window ends (a durable timer), or `skip` (recorded)."""
+
+    start: str = Field(pattern=r"^([01]\d|2[0-3]):[0-5]\d$")
+    end: str = Field(pattern=r"^([01]\d|2[0-3]):[0-5]\d$")
+    mode: Literal["wait", "skip"] = "wait"
+
+
 class SendStep(_Step):
     """`category: transactional` is exempt from consent and frequency caps (not from
     suppression); `topic` is the subscription topic consent is checked against."""
@@ -126,6 +135,7 @@ class SendStep(_Step):
     template: Template
     category: Literal["marketing", "transactional"] = "marketing"
     topic: str = Field(default="marketing", pattern=r"^[a-z0-9][a-z0-9_\-]*$", max_length=64)
+    quiet_hours: QuietHours | None = None
     next: str | None = None
 
 

@@ -139,8 +139,18 @@ class ProfileSnapshot(BaseModel):
         return {"customer_id": self.customer_id, "traits": self.traits, "stats": self.stats}
 
 
+class QuietRequest(BaseModel):
+    customer_id: str
+    now: datetime
+    start: str
+    end: str
+
+
 class SendRequest(BaseModel):
     idempotency_key: str
+    skip_reason: str | None = Field(
+        default=None, description="record the send as skipped for this reason, do not deliver"
+    )
     category: Literal["marketing", "transactional"] = "marketing"
     topic: str = "marketing"
     journey_cap: str | None = None

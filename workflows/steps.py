@@ -37,6 +37,7 @@ with workflow.unsafe.imports_passed_through():
     from models.runtime import (
         ProfileSnapshot,
         ProfileUpdate,
+        QuietRequest,
         ScoreRequest,
         ScoreResult,
         SendRequest,
@@ -180,16 +181,54 @@ async def branch(run: JourneyWorkflow, step: BranchStep) -> str:
     return _after(run, step, step.else_)
 
 
+async def _quiet_until(run: JourneyWorkflow, step: SendStep) -> str | None:
+    """STAY while waiting out quiet hours; otherwise None (go on with the send)."""
+    st = run.state
+    assert step.quiet_hours is not None
+    mark = st.results.setdefault(step.id, {})
+    if "quiet_until" not in mark:
+        resolved = await workflow.execute_activity(
+            "quiet_hours",
+            QuietRequest(
+                customer_id=run.customer_id,
+                now=workflow.now(),
+                start=step.quiet_hours.start,
+                end=step.quiet_hours.end,
+            ),
+            result_type=WaitResolution,
+            start_to_close_timeout=DB_ACTIVITY_TIMEOUT,
+            retry_policy=ACTIVITY_RETRY,
+            summary="quiet hours",
+        )
+        mark["quiet_until"] = resolved.deadline.isoformat() if resolved.deadline else None
+        if resolved.deadline is not None and step.quiet_hours.mode == "wait":
+            st.step_deadline = resolved.deadline
+            run.publish_position()
+    if mark["quiet_until"] is None or step.quiet_hours.mode == "skip":
+        return None
+    if await _wait_until_deadline(run, lambda: bool(st.pending), "quiet hours"):
+        return None
+    return STAY
+
+
 async def send(run: JourneyWorkflow, step: SendStep) -> str:
     if run.state.holdout:
         run.state.results[step.id] = {"status": "holdout"}
         run.outcome = "holdout"
         return _after(run, step, step.next)
+    quiet = False
+    if step.quiet_hours is not None:
+        if await _quiet_until(run, step) == STAY:
+            return STAY
+        quiet = step.quiet_hours.mode == "skip" and bool(
+            run.state.results[step.id].get("quiet_until")
+        )
     # The counter lives in the state, so the key survives retries, crashes and continue-as-new.
     run.state.send_seq += 1
     info = workflow.info()
     request = SendRequest(
         idempotency_key=f"{run.state.enrollment_id}:{run.state.send_seq}",
+        skip_reason="quiet_hours" if quiet else None,
         category=step.category,
         topic=step.topic,
         journey_cap=run.journey.frequency_cap,
@@ -218,6 +257,7 @@ async def send(run: JourneyWorkflow, step: SendStep) -> str:
         run.outcome = "failed"
         return _after(run, step, step.next)
     run.state.results[step.id] = {
+        **run.state.results.get(step.id, {}),
         "status": result.status,
         "message_id": result.message_id,
         **({"reason": result.reason} if result.reason else {}),
