@@ -38,6 +38,7 @@ def build_worker(
     history_limit: int = 2000,
     policy: ContactPolicy | None = None,
     channels: dict[str, Channel] | None = None,
+    links: tuple[str, str] | None = None,
 ) -> Worker:
     # Ids travel as structured fields (see core.logs), not appended to the message text.
     workflow.logger.workflow_info_on_message = False
@@ -48,7 +49,7 @@ def build_worker(
         task_queue=task_queue,
         workflows=[JourneyWorkflow, LaunchWorkflow],
         activities=[
-            *JourneyActivities(pool, policy=policy, channels=channels).all(),
+            *JourneyActivities(pool, policy=policy, channels=channels, links=links).all(),
             *launches.all(),
         ],
         max_concurrent_activities=200,
@@ -79,6 +80,7 @@ async def running_worker(
         history_limit=settings.journey_history_limit,
         policy=policy,
         channels=build_channels(settings),
+        links=(settings.public_url, settings.link_secret),
     ):
         task = asyncio.create_task(router.run(stop))
         try:

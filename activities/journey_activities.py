@@ -14,6 +14,7 @@ from activities import waits, webhooks
 from activities.channels import Channel, OutboxChannel, RenderedMessage
 from activities.channels.email import PermanentDeliveryError
 from activities.contact_policy import ContactPolicy, Decision
+from activities.links import unsubscribe_url
 from activities.rendering import TemplateError, render
 from activities.scoring import MODELS
 from models.runtime import (
@@ -61,9 +62,12 @@ class JourneyActivities:
         *,
         policy: ContactPolicy | None = None,
         channels: dict[str, Channel] | None = None,
+        links: tuple[str, str] | None = None,
     ) -> None:
         self.pool = pool
         self.channels = channels or {"outbox": OutboxChannel()}
+        # (public base URL, signing secret) for unsubscribe links in marketing messages.
+        self.links = links
         self.http = http or httpx.AsyncClient()
         self.policy = policy or ContactPolicy([])
 
@@ -168,10 +172,20 @@ class JourneyActivities:
         if row["status"] != "pending":
             bound.info("send.duplicate", status=row["status"])
             return SendResult(message_id=row["id"], status=row["status"], duplicate=True)
+        unsubscribe = None
+        if self.links and req.category == "marketing":
+            base, secret = self.links
+            unsubscribe = unsubscribe_url(base, secret, customer_id, req.channel, req.topic)
         try:
             delivery = await channel.deliver(
                 RenderedMessage(
-                    req.idempotency_key, customer_id, req.channel, subject, body, to=row["address"]
+                    req.idempotency_key,
+                    customer_id,
+                    req.channel,
+                    subject,
+                    body,
+                    to=row["address"],
+                    unsubscribe_url=unsubscribe,
                 )
             )
         except PermanentDeliveryError as err:

@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     frequency_cap: str = "3/7d"
     channel_frequency_caps: str = ""
     consent_default: str = "subscribed"
+    # Links in messages (unsubscribe): the API's public base URL and the key that signs them.
+    public_url: str = "http://127.0.0.1:8000"
+    link_secret: str = "dev-link-secret"
     # Email channel (SMTP); unset smtp_host = no email channel.
     smtp_host: str | None = None
     smtp_port: int = 587

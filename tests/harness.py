@@ -101,12 +101,15 @@ async def engine(
     terminate: bool = True,
     policy: ContactPolicy | None = None,
     channels: dict[str, Channel] | None = None,
+    links: tuple[str, str] | None = None,
     **router: Any,
 ) -> AsyncIterator[Engine]:
     """Caps are off unless a test passes a policy (`policy=ContactPolicy([Cap...])`)."""
     eng = Engine(pool, env, task_queue or f"tq-{uuid.uuid4().hex[:8]}", **router)
     try:
-        async with build_worker(env.client, pool, eng.task_queue, policy=policy, channels=channels):
+        async with build_worker(
+            env.client, pool, eng.task_queue, policy=policy, channels=channels, links=links
+        ):
             yield eng
     finally:
         # A run left waiting on a queue nobody polls would stop the time-skipping server

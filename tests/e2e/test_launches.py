@@ -159,8 +159,12 @@ async def test_scheduled_launches_once_and_recurring(db, pg_url, dev_env):
             )  # fmt: skip
             assert weekly.status_code == 201
             sid = weekly.json()["id"]
-            listed = {s["id"] for s in (await api.get("/v1/schedules", headers=ADMIN)).json()}
-            assert {sid, once["id"]} <= listed
+
+            async def listed() -> bool:  # the schedule list comes from (eventual) visibility
+                ids = {s["id"] for s in (await api.get("/v1/schedules", headers=ADMIN)).json()}
+                return {sid, once["id"]} <= ids
+
+            await eventually(listed, what="both schedules to be listed")
             paused = (await api.post(f"/v1/schedules/{sid}/pause", headers=ADMIN)).json()
             assert paused["paused"] is True
             assert (await api.post(f"/v1/schedules/{sid}/unpause", headers=ADMIN)).json()[

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from activities.channels import OutboxChannel
 from activities.channels.email import EmailChannel, message_id_for
-from tests.harness import engine, identify, track
+from tests.harness import ADMIN, admin_api, engine, identify, track
 
 JOURNEY = {
     "id": "mail",
@@ -64,3 +64,35 @@ async def test_a_hard_bounce_suppresses_the_address(db, ts_env, smtp):
             "hard_bounce 550", "suppressed",
         ]  # fmt: skip
         assert recorder.messages() == []
+
+
+async def test_one_click_unsubscribe_stops_the_next_email(db, pg_url, dev_env, smtp):
+    recorder, port = smtp
+    links = ("http://api", "dev-link-secret")
+    async with (
+        engine(db, dev_env, channels=_channels(port), links=links) as eng,
+        admin_api(eng, pg_url) as api,
+    ):
+        await eng.publish(JOURNEY)
+        await eng.send(identify("uns", email="uns@example.com", first_name="U"))
+        await eng.send(track("uns", "Started"))
+        await (await eng.run("mail", "uns")).result()
+        (mail,) = recorder.messages()
+        url = mail["List-Unsubscribe"].strip("<>")
+        assert mail["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+        path = url.removeprefix("http://api")
+        page = await api.get(path)  # a link scanner: changes nothing
+        assert page.status_code == 200
+        assert "Unsubscribe" in page.text
+        assert (await api.get("/v1/customers/uns/subscriptions", headers=ADMIN)).json() == []
+        forged = path[:-3] + ("AAA" if not path.endswith("AAA") else "BBB")
+        assert (await api.post(forged)).status_code == 400
+        assert (await api.post(path, data={"List-Unsubscribe": "One-Click"})).status_code == 200
+        subs = (await api.get("/v1/customers/uns/subscriptions", headers=ADMIN)).json()
+        assert subs == [
+            {"channel": "email", "topic": "marketing", "status": "unsubscribed", "source": "link"}
+        ]
+        await eng.send(track("uns", "Started"))
+        await (await eng.run("mail", "uns")).result()
+        assert [m["skip_reason"] for m in await eng.messages("uns")] == [None, "no_consent"]
+        assert len(recorder.messages()) == 1
