@@ -10,7 +10,7 @@ import json
 
 
 class BadLink(ValueError):
-    pass
+    """A forged, altered or malformed link."""
 
 
 def _b64(data: bytes) -> str:

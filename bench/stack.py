@@ -14,18 +14,19 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
-import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-from core.embedded import find_binary, start_postgres, start_temporal
-from core.settings import ROOT
+from core.embedded import (
+    spawn_api,
+    spawn_worker,
+    start_postgres,
+    start_temporal,
+    wait_for_health,
+)
 
 WRITE_KEY = "bench-write-key"
 ADMIN_KEY = "bench-admin-key"
@@ -104,30 +105,10 @@ class Stack:
         """`python worker.py` and one uvicorn process, as in production; waits for /health."""
         env = self.env()
         with open(self.logs / "worker.log", "ab") as out:
-            self.procs["worker"] = subprocess.Popen(
-                [sys.executable, str(ROOT / "worker.py")],
-                env=env,
-                cwd=ROOT,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        cmd = [find_binary("uvicorn"), "api.main:app", "--host", "127.0.0.1"]
-        cmd += ["--port", str(self.api_port), "--log-level", "warning"]
+            self.procs["worker"] = spawn_worker(env, out)
         with open(self.logs / "api.log", "ab") as out:
-            self.procs["api"] = subprocess.Popen(
-                cmd, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT
-            )
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{self.api_url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            self.check_alive()
-            if time.monotonic() > deadline:
-                raise RuntimeError("the API did not answer /health within 60 s")
-            time.sleep(0.1)
+            self.procs["api"] = spawn_api(env, self.api_port, out)
+        wait_for_health(self.api_url, within=60, alive=self.check_alive)
 
     def check_alive(self) -> None:
         for name, proc in self.procs.items():

@@ -64,3 +64,47 @@ def start_temporal(
             raise SystemExit("temporal dev server did not start within 60 s")
         time.sleep(0.1)
     return proc
+
+
+def spawn_worker(env: dict[str, str], out: Any = None) -> subprocess.Popen[bytes]:
+    """`python worker.py` as in production (tests, benchmarks)."""
+    from core.settings import ROOT
+
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "worker.py")],
+        env=env,
+        cwd=ROOT,
+        stdout=out,
+        stderr=subprocess.STDOUT if out is not None else None,
+    )
+
+
+def spawn_api(env: dict[str, str], port: int, out: Any = None) -> subprocess.Popen[bytes]:
+    """The API under uvicorn on 127.0.0.1:`port`, one process."""
+    from core.settings import ROOT
+
+    cmd = [find_binary("uvicorn"), "api.main:app", "--host", "127.0.0.1", "--port", str(port)]
+    return subprocess.Popen(
+        [*cmd, "--log-level", "warning"],
+        env=env,
+        cwd=ROOT,
+        stdout=out,
+        stderr=subprocess.STDOUT if out is not None else None,
+    )
+
+
+def wait_for_health(url: str, *, within: float, alive: Any) -> None:
+    """Until GET `url`/health answers 200; `alive()` raises if a process died meanwhile."""
+    import httpx
+
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass  # not listening yet
+        alive()
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url}/health did not answer within {within:.0f} s")
+        time.sleep(0.05)

@@ -6,18 +6,14 @@ import os
 import signal
 import socket
 import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-import httpx
 import pytest
 from temporalio.testing import WorkflowEnvironment
 
-from core.embedded import find_binary
-from core.settings import ROOT
+from core.embedded import spawn_api, spawn_worker, wait_for_health
 
 WRITE_KEY = "e2e-write-key"
 ADMIN_KEY = "e2e-admin-key"
@@ -54,25 +50,15 @@ class Stack:
         }
 
     def start_worker(self) -> None:
-        self.procs["worker"] = subprocess.Popen(
-            [sys.executable, str(ROOT / "worker.py")], env=self.env(), cwd=ROOT
-        )
+        self.procs["worker"] = spawn_worker(self.env())
 
     def start_api(self) -> None:
-        cmd = [find_binary("uvicorn"), "api.main:app", "--port", str(self.api_port)]
-        cmd += ["--log-level", "warning"]
-        self.procs["api"] = subprocess.Popen(cmd, env=self.env(), cwd=ROOT)
+        self.procs["api"] = spawn_api(self.env(), self.api_port)
+        wait_for_health(self.api_url, within=30, alive=self._api_alive)
 
-        deadline = time.monotonic() + 30
-        while True:  # the API is ready when /health answers
-            try:
-                if httpx.get(f"{self.api_url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass  # not listening yet
-            if self.procs["api"].poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("API did not start")
-            time.sleep(0.05)
+    def _api_alive(self) -> None:
+        if self.procs["api"].poll() is not None:
+            raise RuntimeError("the API exited while starting")
 
     def kill(self, name: str) -> None:
         """SIGKILL: no shutdown hooks, no flushing."""
