@@ -51,6 +51,28 @@ class Settings(BaseSettings):
     smtp_timeout: float = 10
     email_from: str = "Journeys <noreply@localhost>"
     email_sender_domain: str = "localhost"  # right-hand side of Message-ID
+    # SMS over a Twilio-style REST API (POST {sms_api_url}/Accounts/{sid}/Messages.json, basic
+    # auth sid:token, form To/From/Body); unset sms_api_url = no SMS channel. The auth token
+    # also verifies the provider's signed callbacks (X-Twilio-Signature).
+    sms_api_url: str | None = None
+    sms_account_sid: str = "AC-dev"
+    sms_auth_token: str = "dev-sms-token"
+    sms_from: str = "+15550000000"
+    # Mobile push over an FCM-style HTTP v1 API (POST {push_api_url}/v1/projects/{project}/
+    # messages:send, bearer token); unset push_api_url = no push channel.
+    push_api_url: str | None = None
+    push_project_id: str = "journeys-dev"
+    push_access_token: str = "dev-push-token"
+    # Webhook channel: every message POSTed as signed JSON to this URL; unset = no channel.
+    webhook_channel_url: str | None = None
+    # Signs outgoing webhooks (Journeys-Signature: t=..,v1=HMAC-SHA256(t.body)) and verifies
+    # provider delivery/bounce callbacks sent to us in the same scheme.
+    webhook_signing_secret: str = "dev-webhook-secret"
+    webhook_tolerance_seconds: int = 300
+    # Per-provider send rate (messages/s per worker), e.g. "email=50,sms=10"; over it, the
+    # send activity is retried later instead of calling the provider.
+    channel_rate_limits: str = ""
+    provider_timeout: float = 10
     # Outbox relay: how many stored events it routes per round.
     router_batch_size: int = 2000
     # Continue-as-new once the run's history has this many events (server suggests at 4096).

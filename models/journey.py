@@ -44,8 +44,24 @@ class EventMatch(_Strict):
 
 
 class Template(_Strict):
+    """Inline content (`subject`, `body`, `html`), or `ref` to a stored template: publishing
+    pins the stored template's current version unless `version` is given."""
+
     subject: str | None = None
-    body: str
+    body: str | None = None
+    html: str | None = None
+    ref: str | None = Field(default=None, pattern=r"^[a-z0-9][a-z0-9_\-]*$", max_length=64)
+    version: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _inline_or_ref(self) -> Template:
+        if self.ref is None and self.body is None:
+            raise ValueError("a template needs `body` (inline) or `ref` (a stored template)")
+        if self.ref is not None and (self.body, self.subject, self.html) != (None, None, None):
+            raise ValueError("a template has either `ref` or inline `body`/`subject`/`html`")
+        if self.ref is None and self.version is not None:
+            raise ValueError("`version` goes with `ref`")
+        return self
 
 
 class _Step(_Strict):
@@ -126,17 +142,37 @@ class QuietHours(_Strict):
     mode: Literal["wait", "skip"] = "wait"
 
 
+ChannelName = Literal["outbox", "email", "sms", "push", "webhook", "in_app"]
+# One channel; an ordered fallback list (the first the customer can be reached on); or `best`,
+# the one they engage with most.
+ChannelChoice = ChannelName | Literal["best"] | list[ChannelName]
+
+
 class SendStep(_Step):
     """`category: transactional` is exempt from consent and frequency caps (not from
     suppression); `topic` is the subscription topic consent is checked against."""
 
     kind: Literal["send"]
-    channel: Literal["outbox", "email"] = "outbox"
+    channel: ChannelChoice = "outbox"
     template: Template
     category: Literal["marketing", "transactional"] = "marketing"
     topic: str = Field(default="marketing", pattern=r"^[a-z0-9][a-z0-9_\-]*$", max_length=64)
     quiet_hours: QuietHours | None = None
     next: str | None = None
+
+    @model_validator(mode="after")
+    def _channels(self) -> SendStep:
+        if isinstance(self.channel, list):
+            if not self.channel:
+                raise ValueError("channel: the fallback list is empty")
+            if len(set(self.channel)) != len(self.channel):
+                raise ValueError("channel: the fallback list names a channel twice")
+        return self
+
+    @property
+    def channels(self) -> list[str]:
+        """The candidates in order; `best` is ordered at send time."""
+        return list(self.channel) if isinstance(self.channel, list) else [self.channel]
 
 
 class ExitStep(_Step):

@@ -159,17 +159,27 @@ class SendRequest(BaseModel):
     journey_version: int
     step_id: str
     workflow_id: str
-    channel: str
-    subject: str | None
-    body: str
+    channel: str = Field(description="one channel, `best`, or the first of `channels`")
+    channels: list[str] = Field(default_factory=list, description="ordered fallback list")
+    subject: str | None = None
+    body: str | None = None
+    html: str | None = None
+    template_id: str | None = Field(default=None, description="stored template (pinned)")
+    template_version: int | None = None
     entry: dict[str, Any] | None = None
+
+    @property
+    def candidates(self) -> list[str]:
+        return self.channels or [self.channel]
 
 
 class SendResult(BaseModel):
     message_id: int
-    status: str  # sent | failed | skipped
+    status: str  # sent | failed | skipped | bounced
     duplicate: bool
-    reason: str | None = None  # why skipped: no_address | no_consent | suppressed | capped
+    # why skipped: no_address | no_consent | suppressed | capped | quiet_hours | holdout
+    reason: str | None = None
+    channel: str | None = None  # the channel chosen (fallback list / best)
 
 
 class RunFinished(BaseModel):

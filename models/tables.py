@@ -82,7 +82,10 @@ class Message(SQLModel, table=True):
     """The send log: one row per send, reserved under its idempotency key before any effect."""
 
     __tablename__ = "messages"
-    __table_args__ = (sa.Index("ix_messages_customer_created", "customer_id", "created_at"),)
+    __table_args__ = (
+        sa.Index("ix_messages_customer_created", "customer_id", "created_at"),
+        sa.Index("ix_messages_provider_id", "channel", "provider_id"),
+    )
     id: int | None = Field(
         default=None, sa_column=sa.Column(sa.BigInteger, primary_key=True, autoincrement=True)
     )
@@ -95,14 +98,35 @@ class Message(SQLModel, table=True):
     channel: str = Field(max_length=32)
     subject: str | None = None
     body: str = ""
-    status: str = Field(max_length=32, description="pending | sent | failed | skipped")
+    html: str | None = None
+    status: str = Field(
+        max_length=32, description="pending | sending | sent | failed | skipped | bounced"
+    )
     category: str = Field(
         default="marketing", max_length=16, sa_column_kwargs={"server_default": "marketing"}
     )
     skip_reason: str | None = Field(default=None, max_length=32)
     address: str | None = Field(default=None, max_length=512)
+    # The provider's id for the message (SMTP Message-ID, SMS sid, push name): status callbacks
+    # from the provider find the message by it.
+    provider_id: str | None = Field(default=None, max_length=512)
+    attempts: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
+    error: str | None = None
+    template_id: str | None = Field(default=None, max_length=64)
+    template_version: int | None = None
+    test: bool = Field(default=False, sa_column_kwargs={"server_default": sa.false()})
+    # URLs present in the rendered message: click redirects go only to these.
+    links: list[str] = Field(
+        default_factory=list,
+        sa_column=sa.Column(JSONB, nullable=False, server_default=sa.text("'[]'::jsonb")),
+    )
     created_at: datetime | None = _ts()
+    claimed_at: datetime | None = _ts(nullable=True, default=False)
     sent_at: datetime | None = _ts(nullable=True, default=False)
+    delivered_at: datetime | None = _ts(nullable=True, default=False)
+    opened_at: datetime | None = _ts(nullable=True, default=False)
+    clicked_at: datetime | None = _ts(nullable=True, default=False)
+    read_at: datetime | None = _ts(nullable=True, default=False)
 
 
 class Journey(SQLModel, table=True):
@@ -237,4 +261,28 @@ class Suppression(SQLModel, table=True):
     channel: str = Field(primary_key=True, max_length=32)
     address: str = Field(primary_key=True, max_length=512)
     reason: str = Field(max_length=32)
+    created_at: datetime | None = _ts()
+
+
+class MessageTemplate(SQLModel, table=True):
+    """A stored template for one channel; its content lives in numbered versions."""
+
+    __tablename__ = "templates"
+    id: str = Field(primary_key=True, max_length=64)
+    name: str
+    channel: str = Field(max_length=32)
+    current_version: int
+    created_at: datetime | None = _ts()
+    updated_at: datetime | None = _ts()
+
+
+class MessageTemplateVersion(SQLModel, table=True):
+    """Versions never change once written: a journey pins the version it was published with."""
+
+    __tablename__ = "template_versions"
+    template_id: str = Field(primary_key=True, max_length=64, foreign_key="templates.id")
+    version: int = Field(primary_key=True)
+    subject: str | None = None
+    body: str
+    html: str | None = None
     created_at: datetime | None = _ts()

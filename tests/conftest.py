@@ -32,7 +32,7 @@ T = TypeVar("T")
 pytest_plugins = ["tests.receiver", "tests.smtp"]
 TABLES = (
     "events, identities, customers, messages, journey_runs, journey_versions, journeys, "
-    "applied_effects, tasks, launches, subscriptions, suppressions"
+    "applied_effects, tasks, launches, subscriptions, suppressions, template_versions, templates"
 )
 
 configure_logging("console", os.environ.get("TEST_LOG_LEVEL", "WARNING"))
