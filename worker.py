@@ -19,6 +19,7 @@ from activities.channels import Channel, build_channels
 from activities.contact_policy import ContactPolicy, parse_caps
 from activities.journey_activities import JourneyActivities
 from activities.launch_activities import LaunchActivities
+from activities.rate_limits import RateLimits, parse_rates
 from activities.router import EventRouter
 from core.logs import configure_logging, get_logger
 from core.settings import Settings, get_settings
@@ -39,6 +40,7 @@ def build_worker(
     policy: ContactPolicy | None = None,
     channels: dict[str, Channel] | None = None,
     links: tuple[str, str] | None = None,
+    rates: RateLimits | None = None,
 ) -> Worker:
     # Ids travel as structured fields (see core.logs), not appended to the message text.
     workflow.logger.workflow_info_on_message = False
@@ -49,7 +51,9 @@ def build_worker(
         task_queue=task_queue,
         workflows=[JourneyWorkflow, LaunchWorkflow],
         activities=[
-            *JourneyActivities(pool, policy=policy, channels=channels, links=links).all(),
+            *JourneyActivities(
+                pool, policy=policy, channels=channels, links=links, rates=rates
+            ).all(),
             *launches.all(),
         ],
         max_concurrent_activities=200,
@@ -81,6 +85,7 @@ async def running_worker(
         policy=policy,
         channels=build_channels(settings),
         links=(settings.public_url, settings.link_secret),
+        rates=RateLimits(parse_rates(settings.channel_rate_limits)),
     ):
         task = asyncio.create_task(router.run(stop))
         try:

@@ -82,14 +82,20 @@ class ContactPolicy:
                 return Decision(False, "suppressed", address)
         if category == "transactional":
             return Decision(True, None, address)
-        status = await conn.fetchval(
-            "SELECT status FROM subscriptions WHERE customer_id = $1 AND channel = $2 "
-            "AND topic = $3",
+        # Topic '*' is the whole channel (an SMS STOP): its opt-out beats any topic's opt-in.
+        rows = await conn.fetch(
+            "SELECT topic, status FROM subscriptions WHERE customer_id = $1 AND channel = $2 "
+            "AND topic IN ($3, '*')",
             customer_id,
             channel,
             topic,
         )
-        if (status or self.consent_default) != "subscribed":
+        said = {r["topic"]: r["status"] for r in rows}
+        if said.get("*") == "unsubscribed":
+            status = "unsubscribed"
+        else:
+            status = said.get(topic) or said.get("*") or self.consent_default
+        if status != "subscribed":
             return Decision(False, "no_consent", address)
         caps = list(self.caps)
         if journey_cap:
@@ -97,7 +103,8 @@ class ContactPolicy:
         for cap in caps:
             used = await conn.fetchval(
                 "SELECT count(*) FROM messages WHERE customer_id = $1 AND category = 'marketing' "
-                "AND status IN ('pending', 'sent') AND created_at > now() - $2::interval "
+                "AND NOT test AND status IN ('pending', 'sending', 'sent') "
+                "AND created_at > now() - $2::interval "
                 "AND ($3::text IS NULL OR channel = $3) AND ($4::text IS NULL OR journey_id = $4)",
                 customer_id,
                 cap.window,

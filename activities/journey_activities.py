@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import asyncpg
@@ -11,12 +13,20 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities import waits, webhooks
-from activities.channels import Channel, OutboxChannel, RenderedMessage
-from activities.channels.email import PermanentDeliveryError
+from activities.channel_choice import ChannelRanker, EngagementRanker
+from activities.channels import (
+    Channel,
+    PermanentDeliveryError,
+    ProviderBusy,
+    RenderedMessage,
+    StoredChannel,
+)
 from activities.contact_policy import ContactPolicy, Decision
 from activities.links import unsubscribe_url
+from activities.rate_limits import RateLimits
 from activities.rendering import TemplateError, render
 from activities.scoring import MODELS
+from activities.tracking import instrument
 from models.runtime import (
     ProfileSnapshot,
     ProfileUpdate,
@@ -35,8 +45,23 @@ from models.runtime import (
 )
 from store.events import NOTIFY_CHANNEL
 from store.profiles import profile_stats
+from store.templates import get_version
+
+_MESSAGE_COLUMNS = "id, status, skip_reason, address, channel, customer_id"
+_SELECT_MESSAGE = f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE idempotency_key = $1"
 
 log = structlog.stdlib.get_logger("activities")
+
+
+@dataclass(frozen=True)
+class _Content:
+    """What a send renders: inline in the step, or a pinned stored template version."""
+
+    subject: str | None
+    body: str
+    html: str | None
+    template_id: str | None = None
+    version: int | None = None
 
 
 def template_context(
@@ -63,10 +88,14 @@ class JourneyActivities:
         policy: ContactPolicy | None = None,
         channels: dict[str, Channel] | None = None,
         links: tuple[str, str] | None = None,
+        rates: RateLimits | None = None,
+        ranker: ChannelRanker | None = None,
     ) -> None:
         self.pool = pool
-        self.channels = channels or {"outbox": OutboxChannel()}
-        # (public base URL, signing secret) for unsubscribe links in marketing messages.
+        self.channels = channels or {"outbox": StoredChannel("outbox")}
+        self.rates = rates or RateLimits({})
+        self.ranker = ranker or EngagementRanker()
+        # (public base URL, signing secret) for unsubscribe and tracked links in email.
         self.links = links
         self.http = http or httpx.AsyncClient()
         self.policy = policy or ContactPolicy([])
@@ -94,7 +123,11 @@ class JourneyActivities:
 
     @activity.defn(name="send_message")
     async def send_message(self, req: SendRequest) -> SendResult:
-        """Reserve under the idempotency key, deliver, record: a retry never sends twice."""
+        """Reserve under the idempotency key (choosing the channel under the contact policy),
+        claim, deliver with the key, record. A retry reconciles instead of sending twice: a
+        row already final is answered from the row; a row left `sending` by an attempt that
+        died mid-call is delivered again with the same key, which HTTP providers deduplicate
+        (SMTP: see activities.channels.email for the one window no SMTP client can close)."""
         bound = log.bind(
             customer_id=req.customer_id,
             journey_id=req.journey_id,
@@ -102,117 +135,221 @@ class JourneyActivities:
             step=req.step_id,
             key=req.idempotency_key,
         )
-        channel = self.channels.get(req.channel)
-        if channel is None:
-            raise ApplicationError(
-                f"channel {req.channel!r} is not configured here", type="InvalidRequest"
-            )
         profile = await self._profile(req.customer_id, stats=False)
         customer_id = profile.customer_id  # the survivor, if the customer was merged meanwhile
+        content = await self._content(req)
         ctx = template_context(profile, req.entry, req.journey_id, req.journey_version)
         try:
-            subject = render(req.subject, ctx) if req.subject else None
-            body = render(req.body, ctx)
+            subject = render(content.subject, ctx) if content.subject else None
+            body = render(content.body, ctx)
+            html = render(content.html, ctx) if content.html else None
         except TemplateError as err:
             raise ApplicationError(
                 f"step {req.step_id!r}: template error: {err}", type="TemplateError"
             ) from err
         async with self.pool.acquire() as conn, conn.transaction():
             await self.policy.lock(conn, customer_id)
-            row = await conn.fetchrow(
-                "SELECT id, status, skip_reason, address FROM messages WHERE idempotency_key = $1",
-                req.idempotency_key,
-            )
-            if row is None and req.skip_reason is not None:
-                decision = Decision(False, req.skip_reason)
-            elif row is None:
-                decision = await self.policy.decide(
-                    conn,
-                    customer_id=customer_id,
-                    traits=profile.traits,
-                    channel=req.channel,
-                    category=req.category,
-                    topic=req.topic,
-                    journey_id=req.journey_id,
-                    journey_cap=req.journey_cap,
-                )
+            row = await conn.fetchrow(_SELECT_MESSAGE, req.idempotency_key)
+            fresh = row is None
             if row is None:
+                channel_name, decision = await self._choose(conn, req, customer_id, profile)
                 row = await conn.fetchrow(
                     "INSERT INTO messages (idempotency_key, customer_id, journey_id, "
-                    "journey_version, step_id, workflow_id, channel, subject, body, status, "
-                    "category, skip_reason, address) "
-                    "VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13) "
-                    "RETURNING id, status, skip_reason, address",
+                    "journey_version, step_id, workflow_id, channel, subject, body, html, "
+                    "status, category, skip_reason, address, template_id, template_version) "
+                    "VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16) "
+                    "RETURNING " + _MESSAGE_COLUMNS,
                     req.idempotency_key,
                     customer_id,
                     req.journey_id,
                     req.journey_version,
                     req.step_id,
                     req.workflow_id,
-                    req.channel,
+                    channel_name,
                     subject,
                     body,
+                    html,
                     "pending" if decision.allowed else "skipped",
                     req.category,
                     decision.reason,
                     decision.address,
+                    content.template_id,
+                    content.version,
                 )
-                fresh = True
-            else:
-                fresh = False
         assert row is not None
+        result = SendResult(
+            message_id=row["id"],
+            status=row["status"],
+            reason=row["skip_reason"],
+            duplicate=not fresh,
+            channel=row["channel"],
+        )
         if row["status"] == "skipped":
-            bound.info("send.skipped", reason=row["skip_reason"])
-            return SendResult(
-                message_id=row["id"],
-                status="skipped",
-                reason=row["skip_reason"],
-                duplicate=not fresh,
-            )
-        if row["status"] != "pending":
+            bound.info("send.skipped", reason=row["skip_reason"], channel=row["channel"])
+            return result
+        if row["status"] not in ("pending", "sending"):
             bound.info("send.duplicate", status=row["status"])
-            return SendResult(message_id=row["id"], status=row["status"], duplicate=True)
+            return result.model_copy(update={"duplicate": True})
+        return await self._deliver(req, row, subject, body, html, bound)
+
+    async def _deliver(
+        self,
+        req: SendRequest,
+        row: asyncpg.Record,
+        subject: str | None,
+        body: str,
+        html: str | None,
+        bound: Any,
+    ) -> SendResult:
+        name: str = row["channel"]
+        channel = self.channels[name]
+        wait = self.rates.wait_for(name)
+        if wait is not None:
+            raise ApplicationError(
+                f"{name} rate limit reached; retrying in {wait:.2f}s",
+                type="RateLimited",
+                next_retry_delay=timedelta(seconds=wait),
+            )
+        links: list[str] = []
         unsubscribe = None
-        if self.links and req.category == "marketing":
+        if self.links and name == "email":
             base, secret = self.links
-            unsubscribe = unsubscribe_url(base, secret, customer_id, req.channel, req.topic)
+            if req.category == "marketing":
+                unsubscribe = unsubscribe_url(base, secret, row["customer_id"], name, req.topic)
+            tracked = instrument(body, html, base_url=base, secret=secret, message_id=row["id"])
+            body, html, links = tracked.text, tracked.html, tracked.links
+        # The claim: from here on a provider may have the message. A second claim of the same
+        # row means an earlier attempt died or timed out after this point.
+        attempts = await self.pool.fetchval(
+            "UPDATE messages SET status = 'sending', attempts = attempts + 1, "
+            "claimed_at = now(), links = $2 WHERE id = $1 AND status IN ('pending', 'sending') "
+            "RETURNING attempts",
+            row["id"],
+            links,
+        )
+        if attempts is None:  # another attempt finished it meanwhile
+            done = await self.pool.fetchrow(_SELECT_MESSAGE, req.idempotency_key)
+            return SendResult(
+                message_id=done["id"], status=done["status"], duplicate=True, channel=name
+            )
+        if attempts > 1:
+            bound.warning("send.reconcile", channel=name, attempt=attempts)
         try:
             delivery = await channel.deliver(
                 RenderedMessage(
                     req.idempotency_key,
-                    customer_id,
-                    req.channel,
+                    row["customer_id"],
+                    name,
                     subject,
                     body,
                     to=row["address"],
+                    html=html,
                     unsubscribe_url=unsubscribe,
+                    message_id=row["id"],
+                    journey_id=req.journey_id,
+                    step_id=req.step_id,
                 )
             )
         except PermanentDeliveryError as err:
             # A hard bounce: recorded on the message, and the address is suppressed.
             async with self.pool.acquire() as conn, conn.transaction():
                 await conn.execute(
-                    "UPDATE messages SET status = 'bounced', skip_reason = $2 WHERE id = $1",
+                    "UPDATE messages SET status = 'bounced', skip_reason = 'hard_bounce', "
+                    "error = $2 WHERE id = $1",
                     row["id"],
-                    f"hard_bounce {err.code}",
+                    str(err),
                 )
-                await conn.execute(
-                    "INSERT INTO suppressions (channel, address, reason) VALUES ($1, $2, "
-                    "'hard_bounce') ON CONFLICT DO NOTHING",
-                    req.channel,
-                    row["address"],
-                )
-            bound.warning("send.bounced", code=err.code, error=err.message)
+                if row["address"]:
+                    await conn.execute(
+                        "INSERT INTO suppressions (channel, address, reason) "
+                        "VALUES ($1, $2, 'hard_bounce') ON CONFLICT DO NOTHING",
+                        name,
+                        row["address"],
+                    )
+            bound.warning("send.bounced", channel=name, code=err.code, error=err.message)
             return SendResult(
-                message_id=row["id"], status="bounced", reason="hard_bounce", duplicate=False
+                message_id=row["id"],
+                status="bounced",
+                reason="hard_bounce",
+                duplicate=False,
+                channel=name,
             )
+        except ProviderBusy as err:
+            await self._note_error(row["id"], str(err))
+            raise ApplicationError(
+                str(err), type="ProviderBusy", next_retry_delay=timedelta(seconds=err.retry_after)
+            ) from err
+        except Exception as err:
+            await self._note_error(row["id"], f"{type(err).__name__}: {err}")
+            raise
         await self.pool.execute(
-            "UPDATE messages SET status = $2, sent_at = now() WHERE id = $1",
+            "UPDATE messages SET status = $2, provider_id = $3, sent_at = now(), error = NULL "
+            "WHERE id = $1",
             row["id"],
             delivery.status,
+            delivery.provider_id,
         )
-        bound.info("send.done", channel=req.channel, status=delivery.status, message_id=row["id"])
-        return SendResult(message_id=row["id"], status=delivery.status, duplicate=False)
+        bound.info("send.done", channel=name, status=delivery.status, message_id=row["id"])
+        return SendResult(
+            message_id=row["id"], status=delivery.status, duplicate=False, channel=name
+        )
+
+    async def _note_error(self, message_id: int, error: str) -> None:
+        """The last provider error, for operators; the activity retries."""
+        await self.pool.execute(
+            "UPDATE messages SET error = $2 WHERE id = $1", message_id, error[:1000]
+        )
+
+    async def _content(self, req: SendRequest) -> _Content:
+        if req.template_id is None:
+            if req.body is None:
+                raise ApplicationError(
+                    f"step {req.step_id!r}: no template body", type="InvalidRequest"
+                )
+            return _Content(req.subject, req.body, req.html)
+        found = await get_version(self.pool, req.template_id, req.template_version)
+        if found is None:
+            raise ApplicationError(
+                f"step {req.step_id!r}: template {req.template_id!r} version "
+                f"{req.template_version} does not exist",
+                type="InvalidRequest",
+            )
+        return _Content(found.subject, found.body, found.html, found.template_id, found.version)
+
+    async def _choose(
+        self, conn: asyncpg.Connection, req: SendRequest, customer_id: str, profile: Any
+    ) -> tuple[str, Decision]:
+        """The first candidate channel the policy allows; else the first refusal."""
+        candidates = req.candidates
+        if candidates == ["best"]:
+            reachable = [c for c in self.channels if c not in ("outbox", "webhook")]
+            candidates = await self.ranker.rank(conn, customer_id, reachable)
+        if req.skip_reason is not None:
+            return candidates[0], Decision(False, req.skip_reason)
+        refused: tuple[str, Decision] | None = None
+        for name in candidates:
+            if name not in self.channels:
+                if len(candidates) == 1:
+                    raise ApplicationError(
+                        f"channel {name!r} is not configured here", type="InvalidRequest"
+                    )
+                decision = Decision(False, "channel_unavailable")
+            else:
+                decision = await self.policy.decide(
+                    conn,
+                    customer_id=customer_id,
+                    traits=profile.traits,
+                    channel=name,
+                    category=req.category,
+                    topic=req.topic,
+                    journey_id=req.journey_id,
+                    journey_cap=req.journey_cap,
+                )
+            if decision.allowed:
+                return name, decision
+            refused = refused or (name, decision)
+        assert refused is not None
+        return refused
 
     @activity.defn(name="release_events")
     async def release_events(self, message_ids: list[str]) -> None:

@@ -9,7 +9,7 @@ from fastapi import FastAPI
 
 from api import errors
 from api.deps import PoolDep
-from api.routes import contact, customers, events, journeys, launches, tasks, unsubscribe
+from api.routes import contact, customers, events, inbox, journeys, launches, tasks, unsubscribe
 from core.logs import configure_logging
 from core.settings import Settings, get_settings
 from core.temporal import connect
@@ -45,6 +45,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(launches.router)
     app.include_router(contact.router)
     app.include_router(unsubscribe.router)
+    app.include_router(inbox.router)
 
     @app.get("/health", tags=["health"])
     async def health(pool: PoolDep) -> dict[str, str]:

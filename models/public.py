@@ -1,12 +1,13 @@
-"""Response bodies of the read API."""
+"""Request and response bodies of the API."""
 
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
+from models.journey import ChannelName
 from models.runtime import SteerRecord, StepRecord
 
 
@@ -54,9 +55,36 @@ class MessagePublic(BaseModel):
     step_id: str | None
     subject: str | None
     body: str
+    html: str | None = None
     status: str
+    skip_reason: str | None = None
+    category: str = "marketing"
+    test: bool = False
+    error: str | None = Field(default=None, description="the provider's last error, if any")
     created_at: datetime
     sent_at: datetime | None
+    delivered_at: datetime | None = None
+    opened_at: datetime | None = None
+    clicked_at: datetime | None = None
+    read_at: datetime | None = None
+
+
+class InboxItem(BaseModel):
+    """An in-app message as an app shows it."""
+
+    id: int
+    subject: str | None
+    body: str
+    html: str | None
+    journey_id: str | None
+    created_at: datetime
+    read_at: datetime | None
+
+
+class InboxPage(BaseModel):
+    items: list[InboxItem]
+    unread: int
+    next_before: int | None = None
 
 
 class JourneyRunPublic(BaseModel):
@@ -158,3 +186,90 @@ class MigrationReport(BaseModel):
     staying: dict[str, int] = Field(description="per current step, runs left on from_version")
     moved: int
     failed: int
+
+
+TEMPLATE_ID = r"^[a-z0-9][a-z0-9_\-]*$"
+
+
+class TemplateUpdate(BaseModel):
+    """A new version's content (and optionally a new display name)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(default=None, max_length=200)
+    subject: str | None = Field(default=None, description="template (email subject, push title)")
+    body: str = Field(description="template; the text part")
+    html: str | None = Field(default=None, description="template; the HTML part (email)")
+
+
+class TemplateCreate(TemplateUpdate):
+    id: str = Field(pattern=TEMPLATE_ID, max_length=64)
+    channel: ChannelName
+
+
+class TemplateVersionSummary(BaseModel):
+    version: int
+    created_at: datetime
+
+
+class TemplatePublic(BaseModel):
+    id: str
+    name: str
+    channel: str
+    current_version: int
+    created_at: datetime
+    updated_at: datetime
+
+
+class TemplateVersionPublic(BaseModel):
+    template_id: str
+    version: int
+    channel: str
+    subject: str | None
+    body: str
+    html: str | None
+    created_at: datetime | None
+
+
+class TemplateDetail(TemplatePublic):
+    """The template, its current content, and every version."""
+
+    subject: str | None
+    body: str
+    html: str | None
+    versions: list[TemplateVersionSummary]
+
+
+class TemplatePreviewRequest(BaseModel):
+    customer_id: str = Field(description="customer id, userId, anonymousId or email")
+    version: int | None = Field(default=None, ge=1, description="default: the current version")
+    event: dict[str, Any] = Field(
+        default_factory=dict, description="what the template sees as `event` (the entry event)"
+    )
+
+
+class TemplateTestSendRequest(BaseModel):
+    to: str = Field(min_length=1, max_length=512, description="address on the template's channel")
+    customer_id: str | None = Field(
+        default=None, description="whose profile to render with; default: an empty profile"
+    )
+    version: int | None = Field(default=None, ge=1, description="default: the current version")
+    event: dict[str, Any] = Field(default_factory=dict)
+
+
+class RenderedTemplate(BaseModel):
+    template_id: str
+    version: int
+    channel: str
+    customer_id: str | None
+    subject: str | None
+    body: str
+    html: str | None
+
+
+class TemplateTestSendResult(RenderedTemplate):
+    message_id: int
+    idempotency_key: str
+    to: str
+    status: str
+    provider_id: str | None

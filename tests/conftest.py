@@ -29,7 +29,7 @@ from store.db import create_pool, migrate_sync
 
 T = TypeVar("T")
 # Fixtures: `receiver` (a local HTTP endpoint), `smtp` (a local SMTP server).
-pytest_plugins = ["tests.receiver", "tests.smtp"]
+pytest_plugins = ["tests.receiver", "tests.smtp", "tests.providers"]
 TABLES = (
     "events, identities, customers, messages, journey_runs, journey_versions, journeys, "
     "applied_effects, tasks, launches, subscriptions, suppressions, template_versions, templates"

@@ -17,6 +17,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from activities.channels import Channel
 from activities.contact_policy import ContactPolicy
+from activities.rate_limits import RateLimits
 from activities.router import EventRouter
 from api.main import create_app
 from core.settings import Settings
@@ -102,13 +103,20 @@ async def engine(
     policy: ContactPolicy | None = None,
     channels: dict[str, Channel] | None = None,
     links: tuple[str, str] | None = None,
+    rates: RateLimits | None = None,
     **router: Any,
 ) -> AsyncIterator[Engine]:
     """Caps are off unless a test passes a policy (`policy=ContactPolicy([Cap...])`)."""
     eng = Engine(pool, env, task_queue or f"tq-{uuid.uuid4().hex[:8]}", **router)
     try:
         async with build_worker(
-            env.client, pool, eng.task_queue, policy=policy, channels=channels, links=links
+            env.client,
+            pool,
+            eng.task_queue,
+            policy=policy,
+            channels=channels,
+            links=links,
+            rates=rates,
         ):
             yield eng
     finally:

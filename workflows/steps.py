@@ -59,6 +59,8 @@ STAY = "__stay__"
 # Database-only activities take milliseconds; a short limit means a task held by a crashed
 # worker is retried within seconds.
 DB_ACTIVITY_TIMEOUT = timedelta(seconds=10)
+# A provider call has its own timeout (PROVIDER_TIMEOUT, SMTP_TIMEOUT, 10 s by default).
+SEND_TIMEOUT = timedelta(seconds=30)
 
 ACTIVITY_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1),
@@ -237,9 +239,13 @@ async def send(run: JourneyWorkflow, step: SendStep) -> str:
         journey_version=run.journey.version,
         step_id=step.id,
         workflow_id=info.workflow_id,
-        channel=step.channel,
+        channel=step.channel if isinstance(step.channel, str) else step.channel[0],
+        channels=step.channel if isinstance(step.channel, list) else [],
         subject=step.template.subject,
         body=step.template.body,
+        html=step.template.html,
+        template_id=step.template.ref,
+        template_version=step.template.version,
         entry=run.state.entry.as_context() if run.state.entry else None,
     )
     try:
@@ -247,9 +253,9 @@ async def send(run: JourneyWorkflow, step: SendStep) -> str:
             "send_message",
             request,
             result_type=SendResult,
-            start_to_close_timeout=DB_ACTIVITY_TIMEOUT,
+            start_to_close_timeout=SEND_TIMEOUT,
             retry_policy=ACTIVITY_RETRY,
-            summary=f"send {step.channel}",
+            summary=f"send {'/'.join(step.channels)}",
         )
     except ActivityError as err:
         # A send that cannot succeed (bad template) is recorded; the journey goes on.
@@ -260,6 +266,7 @@ async def send(run: JourneyWorkflow, step: SendStep) -> str:
         **run.state.results.get(step.id, {}),
         "status": result.status,
         "message_id": result.message_id,
+        **({"channel": result.channel} if result.channel else {}),
         **({"reason": result.reason} if result.reason else {}),
     }
     run.outcome = f"skipped: {result.reason}" if result.status == "skipped" else result.status

@@ -1,8 +1,13 @@
 """One small channel protocol; every provider implements it the same way.
 
-A channel gets a rendered message that carries its idempotency key (providers deduplicate on
-it, SMTP carries it as Message-ID) and answers with a Delivery. `outbox` stores the message in
-`messages` as the delivery itself (a downstream system reads it from there or from the API).
+A channel gets a rendered message that carries its idempotency key (HTTP providers deduplicate
+on it, SMTP carries it as Message-ID) and answers with a Delivery, or raises:
+`PermanentDeliveryError` (the provider refused the address or message for good: a bounce, never
+retried), `ProviderBusy` (the provider asked us to slow down: retried after its delay), or any
+other exception (an outage: retried with backoff, with the same key, so never duplicated).
+
+`outbox` and `in_app` have no provider: the stored `messages` row is the delivery (a downstream
+system reads the outbox; apps read the inbox API).
 """
 
 from __future__ import annotations
@@ -21,12 +26,34 @@ class RenderedMessage:
     to: str | None = None  # the address on this channel (email, phone, device token)
     html: str | None = None
     unsubscribe_url: str | None = None
+    message_id: int | None = None  # our `messages.id`
+    journey_id: str | None = None
+    step_id: str | None = None
 
 
 @dataclass(frozen=True)
 class Delivery:
-    status: str  # sent | failed
+    status: str  # sent
     provider_id: str | None = None
+
+
+class PermanentDeliveryError(ValueError):
+    """The provider refused the recipient or the message for good: record a bounce."""
+
+    def __init__(self, code: int, message: str, recipient: str | None = None) -> None:
+        self.code = code
+        self.message = message
+        self.recipient = recipient
+        where = f" for {recipient}" if recipient else ""
+        super().__init__(f"{code}{where}: {message}")
+
+
+class ProviderBusy(RuntimeError):
+    """The provider rate-limited us (HTTP 429): try again after `retry_after` seconds."""
+
+    def __init__(self, channel: str, retry_after: float) -> None:
+        self.retry_after = retry_after
+        super().__init__(f"{channel} provider is rate limiting; retry in {retry_after:.1f}s")
 
 
 class Channel(Protocol):
@@ -37,16 +64,23 @@ class Channel(Protocol):
         ...
 
 
-class OutboxChannel:
-    name = "outbox"
+class StoredChannel:
+    """A channel whose delivery is the stored message itself (outbox, in-app inbox)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
 
     async def deliver(self, message: RenderedMessage) -> Delivery:
         return Delivery(status="sent", provider_id=message.idempotency_key)
 
 
-def build_channels(settings: Any) -> dict[str, Channel]:
-    """The channels this deployment has: outbox always, email when SMTP is configured."""
-    channels: dict[str, Channel] = {"outbox": OutboxChannel()}
+def build_channels(settings: Any, http: Any = None) -> dict[str, Channel]:
+    """The channels this deployment has: outbox and in-app always; email, SMS, push and webhook
+    when their provider is configured."""
+    channels: dict[str, Channel] = {
+        "outbox": StoredChannel("outbox"),
+        "in_app": StoredChannel("in_app"),
+    }
     if settings.smtp_host:
         from activities.channels.email import EmailChannel
 
@@ -61,4 +95,30 @@ def build_channels(settings: Any) -> dict[str, Channel]:
             start_tls=settings.smtp_start_tls,
             timeout=settings.smtp_timeout,
         )
+    if settings.sms_api_url or settings.push_api_url or settings.webhook_channel_url:
+        import httpx
+
+        from activities.channels import http as providers
+
+        client = http or httpx.AsyncClient(timeout=settings.provider_timeout)
+        if settings.sms_api_url:
+            channels["sms"] = providers.SmsChannel(
+                client,
+                base_url=settings.sms_api_url,
+                account_sid=settings.sms_account_sid,
+                auth_token=settings.sms_auth_token,
+                sender=settings.sms_from,
+                status_callback=f"{settings.public_url.rstrip('/')}/v1/providers/sms/status",
+            )
+        if settings.push_api_url:
+            channels["push"] = providers.PushChannel(
+                client,
+                base_url=settings.push_api_url,
+                project_id=settings.push_project_id,
+                access_token=settings.push_access_token,
+            )
+        if settings.webhook_channel_url:
+            channels["webhook"] = providers.WebhookChannel(
+                client, url=settings.webhook_channel_url, secret=settings.webhook_signing_secret
+            )
     return channels

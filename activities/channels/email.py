@@ -24,20 +24,11 @@ from email.utils import formatdate, parseaddr
 
 import aiosmtplib
 
-from activities.channels import Delivery, RenderedMessage
+from activities.channels import Delivery, PermanentDeliveryError, RenderedMessage
+
+__all__ = ["EmailChannel", "PermanentDeliveryError", "message_id_for"]
 
 IDEMPOTENCY_HEADER = "X-Journeys-Idempotency-Key"
-
-
-class PermanentDeliveryError(ValueError):
-    """The server refused the recipient or the message for good (SMTP 5xx): do not retry."""
-
-    def __init__(self, code: int, message: str, recipient: str | None = None) -> None:
-        self.code = code
-        self.message = message
-        self.recipient = recipient
-        where = f" for {recipient}" if recipient else ""
-        super().__init__(f"SMTP {code}{where}: {message}")
 
 
 def message_id_for(idempotency_key: str, sender_domain: str) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from activities.channels import OutboxChannel
+from activities.channels import StoredChannel
 from activities.channels.email import EmailChannel, message_id_for
 from tests.harness import ADMIN, admin_api, engine, identify, track
 
@@ -20,7 +20,7 @@ JOURNEY = {
 def _channels(port: int) -> dict:
     mail = EmailChannel(host="127.0.0.1", port=port, sender="Shop <news@shop.example>",
                         sender_domain="shop.example", timeout=5)  # fmt: skip
-    return {"outbox": OutboxChannel(), "email": mail}
+    return {"outbox": StoredChannel("outbox"), "email": mail}
 
 
 async def test_email_is_sent_once_with_a_message_id_from_its_key(db, ts_env, smtp):
@@ -48,7 +48,8 @@ async def test_a_hard_bounce_suppresses_the_address(db, ts_env, smtp):
         await eng.result(await eng.run("mail", "gone"))
         await eng.result(await eng.run("mail", "none"))
         (bounced,) = await eng.messages("gone")
-        assert (bounced["status"], bounced["skip_reason"]) == ("bounced", "hard_bounce 550")
+        assert (bounced["status"], bounced["skip_reason"]) == ("bounced", "hard_bounce")
+        assert bounced["error"].startswith("550 for gone@example.com")
         assert (
             await db.fetchval(
                 "SELECT reason FROM suppressions WHERE channel = 'email' AND address = $1",
@@ -61,7 +62,7 @@ async def test_a_hard_bounce_suppresses_the_address(db, ts_env, smtp):
         await eng.send(track("gone", "Started"))  # the next time: suppressed, not tried
         await eng.result(await eng.run("mail", "gone"))
         assert [m["skip_reason"] for m in await eng.messages("gone")] == [
-            "hard_bounce 550", "suppressed",
+            "hard_bounce", "suppressed",
         ]  # fmt: skip
         assert recorder.messages() == []
 
