@@ -3,11 +3,14 @@
 - every step can be reached from the first one;
 - every loop contains a wait (`wait` or `wait_for`), so a journey never spins;
 - conditions that read `results.<step>` name a step that produces results and comes earlier;
-- templates parse, and use only the variables a send provides.
+- templates parse, and use only the variables a send provides (`check_template_sources`, also
+  used when a stored template is written; a send step's `ref` is checked against the stored
+  template when the journey is published, in `store.journeys`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from jinja2 import TemplateSyntaxError, meta
@@ -115,10 +118,11 @@ def _templates(step: Step) -> list[tuple[str, str]]:
             (f"details.{k}", v) for k, v in _strings(step.details, "")
         ]
     if isinstance(step, SendStep):
-        out = [("template.body", step.template.body)]
-        if step.template.subject is not None:
-            out.append(("template.subject", step.template.subject))
-        return out
+        # A `ref` has no inline content: the stored template is checked when it is written
+        # and again when the journey is published.
+        t = step.template
+        fields = {"body": t.body, "subject": t.subject, "html": t.html}
+        return [(f"template.{k}", v) for k, v in fields.items() if v is not None]
     if isinstance(step, WebhookStep):
         return [(f"payload.{k}", v) for k, v in _strings(step.payload, "")]
     return []
@@ -132,6 +136,27 @@ def _strings(value: Any, path: str) -> list[tuple[str, str]]:
     if isinstance(value, list):
         return [s for i, v in enumerate(value) for s in _strings(v, f"{path}[{i}]")]
     return []
+
+
+def check_template_sources(sources: Iterable[tuple[str, str | None]]) -> None:
+    """Every `(field, source)` parses and reads only TEMPLATE_VARIABLES at the top level.
+
+    Raises:
+        ValueError: the first problem, as `<field>: ...` (None sources are skipped).
+    """
+    for field, source in sources:
+        if source is None:
+            continue
+        try:
+            names = meta.find_undeclared_variables(_jinja.parse(source))
+        except TemplateSyntaxError as err:
+            raise ValueError(f"{field}: template error: {err}") from None
+        unknown = sorted(names - TEMPLATE_VARIABLES)
+        if unknown:
+            raise ValueError(
+                f"{field}: unknown template variable {unknown[0]!r} "
+                f"(available: {', '.join(sorted(TEMPLATE_VARIABLES))})"
+            )
 
 
 def check(defn: JourneyDefinition) -> None:
@@ -160,14 +185,7 @@ def check(defn: JourneyDefinition) -> None:
                         f"step {s.id!r}: condition reads results.{ref}, which does not come "
                         "before it"
                     )
-        for field, source in _templates(s):
-            try:
-                names = meta.find_undeclared_variables(_jinja.parse(source))
-            except TemplateSyntaxError as err:
-                raise ValueError(f"step {s.id!r}: {field}: template error: {err}") from None
-            unknown = sorted(names - TEMPLATE_VARIABLES)
-            if unknown:
-                raise ValueError(
-                    f"step {s.id!r}: {field}: unknown template variable {unknown[0]!r} "
-                    f"(available: {', '.join(sorted(TEMPLATE_VARIABLES))})"
-                )
+        try:
+            check_template_sources(_templates(s))
+        except ValueError as err:
+            raise ValueError(f"step {s.id!r}: {err}") from None

@@ -12,8 +12,9 @@ import asyncpg
 import yaml
 from pydantic import ValidationError
 
-from models.journey import STEP_KINDS, JourneyDefinition
+from models.journey import STEP_KINDS, JourneyDefinition, SendStep
 from models.validation import check
+from store.templates import InvalidTemplate, check_content, get_template, get_version
 
 
 class DefinitionError(ValueError):
@@ -70,16 +71,66 @@ def load_file(path: Path) -> JourneyDefinition:
     return parse_definition(data, str(path))
 
 
+async def resolve_templates(
+    conn: asyncpg.Connection | asyncpg.Pool, defn: JourneyDefinition, source: str = "definition"
+) -> JourneyDefinition:
+    """The definition with every stored template a send step refers to (`template.ref`) pinned
+    to a version: the one given, else the template's current one. Runs render exactly that
+    version, even after the template gets a new one.
+
+    Raises:
+        DefinitionError: naming the step: the template or version does not exist, it is for
+            a channel the step does not send on, or its content does not pass the checks.
+    """
+    errors: list[str] = []
+    steps = []
+    for step in defn.steps:
+        ref = step.template if isinstance(step, SendStep) else None
+        if ref is None or ref.ref is None:
+            steps.append(step)
+            continue
+        where = f"step {step.id!r}: template.ref"
+        found = await get_version(conn, ref.ref, ref.version)
+        if found is None:
+            if ref.version is not None and await get_template(conn, ref.ref) is not None:
+                errors.append(f"{where}: template {ref.ref!r} has no version {ref.version}")
+            else:
+                errors.append(f"{where}: no stored template {ref.ref!r}")
+            steps.append(step)
+            continue
+        if step.channel != "best" and found.channel not in step.channels:
+            errors.append(
+                f"{where}: template {ref.ref!r} is for {found.channel}, the step sends on "
+                f"{', '.join(step.channels)}"
+            )
+        try:
+            check_content(subject=found.subject, body=found.body, html=found.html)
+        except InvalidTemplate as err:
+            errors.append(f"{where}: template {ref.ref!r} v{found.version}: {err}")
+        pinned = ref.model_copy(update={"version": found.version})
+        steps.append(step.model_copy(update={"template": pinned}))
+    if errors:
+        raise DefinitionError(f"{source}: " + "; ".join(errors))
+    return defn.model_copy(update={"steps": steps})
+
+
 def _checksum(defn: JourneyDefinition) -> str:
     body = defn.model_dump(mode="json", by_alias=True, exclude={"version"})
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 async def publish(conn: asyncpg.Connection | asyncpg.Pool, defn: JourneyDefinition) -> int:
-    """Publish as a new immutable version; publishing an unchanged definition is a no-op."""
-    checksum = _checksum(defn)
+    """Publish as a new immutable version; publishing an unchanged definition is a no-op.
+    Stored templates are pinned first (`resolve_templates`), so republishing after a template
+    changed is a new version that pins the template's new version.
+
+    Raises:
+        DefinitionError: a stored template reference does not resolve.
+    """
     async with _acquire(conn) as c, c.transaction():
         await c.execute("SELECT pg_advisory_xact_lock(hashtext($1))", defn.id)
+        defn = await resolve_templates(c, defn)
+        checksum = _checksum(defn)
         row = await c.fetchrow(
             "SELECT v.version, v.checksum FROM journeys j JOIN journey_versions v "
             "ON v.journey_id = j.id AND v.version = j.current_version WHERE j.id = $1",

@@ -37,6 +37,7 @@ from store.journeys import (
     active_definitions,
     parse_definition,
     publish,
+    resolve_templates,
     save_draft,
 )
 from store.profiles import find_customer
@@ -144,9 +145,9 @@ async def enroll_customer(
     )
 
 
-def _report(data: dict[str, Any]) -> ValidationReport:
+async def _report(pool: PoolDep, data: dict[str, Any]) -> ValidationReport:
     try:
-        parse_definition(data)
+        await resolve_templates(pool, parse_definition(data))
     except DefinitionError as err:
         return ValidationReport(
             valid=False, errors=str(err).removeprefix("definition: ").split("; ")
@@ -163,7 +164,7 @@ async def save_journey_draft(
         raise ApiError(400, "invalid_definition", f"id: {definition['id']!r} is not {journey_id!r}")
     data = {**definition, "id": journey_id}
     await save_draft(pool, journey_id, data)
-    return _report(data)
+    return await _report(pool, data)
 
 
 @router.get("/{journey_id}/draft")
@@ -184,7 +185,7 @@ async def validate_journey(
         data = await pool.fetchval("SELECT draft FROM journeys WHERE id = $1", journey_id)
         if data is None:
             raise ApiError(404, "not_found", f"journey {journey_id!r} has no draft")
-    return _report({**data, "id": journey_id})
+    return await _report(pool, {**data, "id": journey_id})
 
 
 @router.post("/{journey_id}/publish", response_model=JourneyPublic)
@@ -194,10 +195,9 @@ async def publish_journey_draft(journey_id: str, pool: PoolDep) -> JourneyPublic
     if draft is None:
         raise ApiError(404, "not_found", f"journey {journey_id!r} has no draft")
     try:
-        defn = parse_definition(draft)
+        await publish(pool, parse_definition(draft))
     except DefinitionError as err:
         raise ApiError(400, "invalid_definition", str(err)) from None
-    await publish(pool, defn)
     await pool.execute("UPDATE journeys SET draft = NULL WHERE id = $1", journey_id)
     return await get_journey(journey_id, pool)
 
@@ -371,7 +371,7 @@ async def publish_journey(pool: PoolDep, definition: dict[str, Any] = Body(...))
     """Validate and publish a definition as a new immutable version (unchanged: same version)."""
     try:
         defn = parse_definition(definition)
+        await publish(pool, defn)
     except DefinitionError as err:
         raise ApiError(400, "invalid_definition", str(err)) from None
-    await publish(pool, defn)
     return await get_journey(defn.id, pool)
