@@ -186,3 +186,21 @@ async def test_in_app_messages_are_read_from_the_inbox(db, pg_url, ts_env, provi
         page = (await api.get("/v1/customers/ina/inbox?unread_only=true", headers=ADMIN)).json()
         assert page == {"items": [], "unread": 0, "next_before": None}
         assert (await api.get("/v1/customers/ina/inbox")).status_code == 401
+
+
+async def test_a_send_renders_the_stored_template_version_it_was_published_with(db, ts_env):
+    from store.templates import add_version, create_template
+
+    async with db.acquire() as conn:
+        body = "One {{ profile.name }}"
+        await create_template(conn, "note", channel="in_app", subject="v1", body=body)
+    async with engine(db, ts_env, channels=build_channels(Settings())) as eng:
+        await eng.publish(_journey("stored", "in_app", ref="note"))  # pins version 1
+        async with db.acquire() as conn:
+            await add_version(conn, "note", subject="v2", body="Two {{ profile.name }}")
+        await eng.send(identify("tpl", name="Tia"))
+        await eng.send(track("tpl", "Started"))
+        await eng.result(await eng.run("stored", "tpl"))
+        (row,) = await eng.messages("tpl")
+        assert (row["subject"], row["body"]) == ("v1", "One Tia")
+        assert (row["template_id"], row["template_version"]) == ("note", 1)
