@@ -9,7 +9,19 @@ from fastapi import FastAPI
 
 from api import errors
 from api.deps import PoolDep
-from api.routes import contact, customers, events, inbox, journeys, launches, tasks, unsubscribe
+from api.routes import (
+    contact,
+    customers,
+    events,
+    inbox,
+    journeys,
+    launches,
+    providers,
+    tasks,
+    templates,
+    tracking,
+    unsubscribe,
+)
 from core.logs import configure_logging
 from core.settings import Settings, get_settings
 from core.temporal import connect
@@ -45,6 +57,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(launches.router)
     app.include_router(contact.router)
     app.include_router(unsubscribe.router)
+    app.include_router(templates.router)
+    app.include_router(tracking.router)
+    app.include_router(providers.router)
     app.include_router(inbox.router)
 
     @app.get("/health", tags=["health"])

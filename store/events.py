@@ -23,6 +23,13 @@ async def store_events(pool: asyncpg.Pool, rows: list[dict[str, Any]]) -> int:
     Returns how many were new. When this returns, the events are committed: that is the
     moment the API may answer 200.
     """
+    async with pool.acquire() as conn, conn.transaction():
+        return await insert_events(conn, rows)
+
+
+async def insert_events(conn: asyncpg.Connection, rows: list[dict[str, Any]]) -> int:
+    """The insert of `store_events` inside the caller's transaction (the router is woken when
+    it commits). Returns how many were new."""
     cols: list[list[Any]] = [[] for _ in range(8)]
     for r in rows:
         for i, key in enumerate(
@@ -32,7 +39,6 @@ async def store_events(pool: asyncpg.Pool, rows: list[dict[str, Any]]) -> int:
         ts: datetime = r["timestamp"]
         cols[6].append(ts)
         cols[7].append(r["payload"])
-    async with pool.acquire() as conn, conn.transaction():
-        status = await conn.execute(_INSERT, *cols)
-        await conn.execute(f"NOTIFY {NOTIFY_CHANNEL}")
+    status = await conn.execute(_INSERT, *cols)
+    await conn.execute(f"NOTIFY {NOTIFY_CHANNEL}")
     return int(status.split()[-1])

@@ -10,6 +10,8 @@ from pydantic import BaseModel, Field
 
 from api.deps import AdminDep, PoolDep
 from api.errors import ApiError
+from store import feedback
+from store.feedback import normalize_address
 from store.profiles import find_customer
 
 router = APIRouter(tags=["contact"], dependencies=[AdminDep])
@@ -51,22 +53,14 @@ async def list_subscriptions(ref: str, pool: PoolDep) -> list[SubscriptionPublic
 
 @router.put("/v1/customers/{ref}/subscriptions", response_model=SubscriptionPublic)
 async def set_subscription(ref: str, body: SubscriptionPublic, pool: PoolDep) -> SubscriptionPublic:
-    """Opt in or out; the very next send on that channel and topic honours it."""
-    await pool.execute(
-        "INSERT INTO subscriptions (customer_id, channel, topic, status, source) "
-        "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (customer_id, channel, topic) "
-        "DO UPDATE SET status = $4, source = $5, updated_at = now()",
-        await _cid(pool, ref),
-        body.channel,
-        body.topic,
-        body.status,
-        body.source,
-    )
+    """Opt in or out; the very next send on that channel and topic honours it. Opting out
+    emits an `Unsubscribed` event."""
+    cid = await _cid(pool, ref)
+    async with pool.acquire() as conn, conn.transaction():
+        await feedback.set_subscription(
+            conn, cid, body.channel, body.topic, body.status, body.source
+        )
     return body
-
-
-def _address(channel: str, address: str) -> str:
-    return address.strip().lower() if channel == "email" else address.strip()
 
 
 @router.get("/v1/suppressions", response_model=list[SuppressionPublic])
@@ -87,7 +81,7 @@ async def add_suppression(body: SuppressionPublic, pool: PoolDep) -> Suppression
         "INSERT INTO suppressions (channel, address, reason) VALUES ($1, $2, $3) "
         "ON CONFLICT (channel, address) DO UPDATE SET reason = $3 RETURNING *",
         body.channel,
-        _address(body.channel, body.address),
+        normalize_address(body.channel, body.address),
         body.reason,
     )
     return SuppressionPublic.model_validate(dict(row))
@@ -98,7 +92,7 @@ async def remove_suppression(channel: Channel, address: str, pool: PoolDep) -> R
     status = await pool.execute(
         "DELETE FROM suppressions WHERE channel = $1 AND address = $2",
         channel,
-        _address(channel, address),
+        normalize_address(channel, address),
     )
     if status.endswith(" 0"):
         raise ApiError(404, "not_found", f"{address!r} is not suppressed on {channel}")

@@ -13,6 +13,7 @@ from fastapi.responses import HTMLResponse
 from activities.links import BadLink, verify
 from api.deps import PoolDep, SettingsDep
 from api.errors import ApiError
+from store.feedback import set_subscription
 
 router = APIRouter(tags=["contact"])
 
@@ -45,12 +46,6 @@ async def unsubscribe(token: str, pool: PoolDep, settings: SettingsDep) -> HTMLR
     )
     if cid is None:
         raise ApiError(404, "not_found", "token: unknown customer")
-    await pool.execute(
-        "INSERT INTO subscriptions (customer_id, channel, topic, status, source) "
-        "VALUES ($1, $2, $3, 'unsubscribed', 'link') ON CONFLICT (customer_id, channel, topic) "
-        "DO UPDATE SET status = 'unsubscribed', source = 'link', updated_at = now()",
-        cid,
-        p["ch"],
-        p["t"],
-    )
+    async with pool.acquire() as conn, conn.transaction():
+        await set_subscription(conn, cid, p["ch"], p["t"], "unsubscribed", "link")
     return HTMLResponse("<!doctype html><title>Unsubscribed</title><p>You are unsubscribed.</p>")
