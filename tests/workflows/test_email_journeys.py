@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from activities.channels import StoredChannel
 from activities.channels.email import EmailChannel, message_id_for
+from tests.conftest import eventually
 from tests.harness import ADMIN, admin_api, engine, identify, track
 
 JOURNEY = {
@@ -97,3 +98,69 @@ async def test_one_click_unsubscribe_stops_the_next_email(db, pg_url, dev_env, s
         await (await eng.run("mail", "uns")).result()
         assert [m["skip_reason"] for m in await eng.messages("uns")] == [None, "no_consent"]
         assert len(recorder.messages()) == 1
+
+
+ENGAGE = {
+    "id": "engage",
+    "name": "Engage",
+    "entry": {"event": "Started"},
+    "steps": [
+        {"id": "offer", "kind": "send", "channel": "email",
+         "template": {"subject": "Offer", "body": "See https://shop.example/sale?x=1 now",
+                      "html": "<html><body><p><a href=\"https://shop.example/sale?x=1\">Sale</a>"
+                              "</p></body></html>"}},
+        {"id": "seen", "kind": "wait_for", "timeout": "3d",
+         "events": [{"type": "track", "event": "Email Link Clicked", "next": "thanks"}],
+         "on_timeout": "exit"},
+        {"id": "thanks", "kind": "send", "channel": "email",
+         "template": {"subject": "Thanks", "body": "Glad you looked"}},
+        {"id": "exit", "kind": "exit"},
+    ],
+}  # fmt: skip
+
+
+def _hrefs(html: str) -> list[str]:
+    import re
+
+    return re.findall(r'(?:href|src)="([^"]+)"', html)
+
+
+async def test_html_email_with_tracked_links_and_a_journey_waiting_for_the_click(
+    db, pg_url, dev_env, smtp
+):
+    recorder, port = smtp
+    links = ("http://api", "dev-link-secret")
+    async with (
+        engine(db, dev_env, channels=_channels(port), links=links) as eng,
+        admin_api(eng, pg_url) as api,
+    ):
+        await eng.publish(ENGAGE)
+        await eng.send(identify("eng", email="eng@example.com", first_name="E"))
+        await eng.send(track("eng", "Started"))
+        run = await eng.run("engage", "eng")
+
+        async def delivered() -> bool:
+            return len(recorder.messages()) == 1
+
+        await eventually(delivered, what="the offer email")
+        (mail,) = recorder.messages()
+        text = mail.get_body(("plain",)).get_content()
+        html = mail.get_body(("html",)).get_content()
+        assert "https://shop.example/sale" not in text + html  # every link is tracked
+        click, pixel = _hrefs(html)
+        assert click.startswith("http://api/v1/t/c/") and pixel.startswith("http://api/v1/t/o/")
+        assert click in text
+        opened = await api.get(pixel.removeprefix("http://api"))
+        assert (opened.status_code, opened.headers["content-type"]) == (200, "image/gif")
+        r = await api.get(click.removeprefix("http://api"))
+        assert (r.status_code, r.headers["location"]) == (302, "https://shop.example/sale?x=1")
+        (offer,) = await eng.messages("eng")
+        assert offer["opened_at"] and offer["clicked_at"]
+        assert offer["links"] == ["https://shop.example/sale?x=1"]
+        names = await db.fetch("SELECT event FROM events WHERE event LIKE 'Email %' ORDER BY id")
+        assert [n["event"] for n in names] == ["Email Opened", "Email Link Clicked"]
+        while await eng.router.route_once():  # the API stored them; route them to the run
+            pass
+        result = await run.result()
+        assert result.steps == ["offer", "seen", "thanks", "exit"]
+        assert [m["subject"] for m in recorder.messages()] == ["Offer", "Thanks"]
