@@ -43,6 +43,7 @@ from models.runtime import (
     WebhookRequest,
     WebhookResult,
 )
+from store import feedback
 from store.events import NOTIFY_CHANNEL
 from store.profiles import profile_stats
 from store.templates import get_version
@@ -251,21 +252,12 @@ class JourneyActivities:
                 )
             )
         except PermanentDeliveryError as err:
-            # A hard bounce: recorded on the message, and the address is suppressed.
+            # A hard bounce: recorded on the message, the address suppressed, and a
+            # `Message Bounced` event, as when a provider reports it later.
             async with self.pool.acquire() as conn, conn.transaction():
-                await conn.execute(
-                    "UPDATE messages SET status = 'bounced', skip_reason = 'hard_bounce', "
-                    "error = $2 WHERE id = $1",
-                    row["id"],
-                    str(err),
-                )
-                if row["address"]:
-                    await conn.execute(
-                        "INSERT INTO suppressions (channel, address, reason) "
-                        "VALUES ($1, $2, 'hard_bounce') ON CONFLICT DO NOTHING",
-                        name,
-                        row["address"],
-                    )
+                sent = await feedback.get_message(conn, row["id"])
+                assert sent is not None
+                await feedback.record_bounce(conn, sent, "hard", str(err))
             bound.warning("send.bounced", channel=name, code=err.code, error=err.message)
             return SendResult(
                 message_id=row["id"],

@@ -30,6 +30,14 @@ def _json() -> Any:
 
 class Customer(SQLModel, table=True):
     __tablename__ = "customers"
+    # Inbound SMS (STOP/START) finds customers by their phone number.
+    __table_args__ = (
+        sa.Index(
+            "ix_customers_phone",
+            sa.text("btrim(traits->>'phone')"),
+            postgresql_where=sa.text("merged_into IS NULL"),
+        ),
+    )
     id: str = Field(primary_key=True, max_length=64)
     traits: dict[str, Any] = _json()
     timezone: str | None = Field(default=None, max_length=64)

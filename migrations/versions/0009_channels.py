@@ -31,6 +31,7 @@ def upgrade() -> None:
     for name in _TS:
         op.add_column('messages', sa.Column(name, sa.DateTime(timezone=True), nullable=True))
     op.create_index('ix_messages_provider_id', 'messages', ['channel', 'provider_id'], unique=False)
+    op.create_index('ix_customers_phone', 'customers', [sa.text("btrim(traits->>'phone')")], unique=False, postgresql_where=sa.text('merged_into IS NULL'))
     op.create_table('templates',
     sa.Column('id', sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
     sa.Column('name', sqlmodel.sql.sqltypes.AutoString(), nullable=False),
@@ -56,6 +57,7 @@ def downgrade() -> None:
     op.drop_table('template_versions')
     op.drop_table('templates')
     op.drop_index('ix_messages_provider_id', table_name='messages')
+    op.drop_index('ix_customers_phone', table_name='customers')
     for name in _TS:
         op.drop_column('messages', name)
     for name in ('links', 'test', 'template_version', 'template_id', 'error', 'attempts', 'provider_id', 'html'):

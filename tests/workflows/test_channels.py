@@ -150,6 +150,8 @@ async def test_push_to_an_unregistered_token_bounces_and_suppresses(db, ts_env, 
             UNREGISTERED,
         )
         assert reason == "hard_bounce"
+        bounced = await db.fetchrow("SELECT * FROM events WHERE event = 'Message Bounced'")
+        assert bounced["payload"]["properties"]["message_id"] == row["id"]
 
 
 async def test_webhook_channel_posts_signed_json(db, ts_env, provider):
