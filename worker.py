@@ -41,6 +41,7 @@ def build_worker(
     channels: dict[str, Channel] | None = None,
     links: tuple[str, str] | None = None,
     rates: RateLimits | None = None,
+    signing_secret: str | None = None,
 ) -> Worker:
     # Ids travel as structured fields (see core.logs), not appended to the message text.
     workflow.logger.workflow_info_on_message = False
@@ -52,7 +53,12 @@ def build_worker(
         workflows=[JourneyWorkflow, LaunchWorkflow],
         activities=[
             *JourneyActivities(
-                pool, policy=policy, channels=channels, links=links, rates=rates
+                pool,
+                policy=policy,
+                channels=channels,
+                links=links,
+                rates=rates,
+                signing_secret=signing_secret,
             ).all(),
             *launches.all(),
         ],
@@ -86,6 +92,7 @@ async def running_worker(
         channels=build_channels(settings),
         links=(settings.public_url, settings.link_secret),
         rates=RateLimits(parse_rates(settings.channel_rate_limits)),
+        signing_secret=settings.webhook_signing_secret,
     ):
         task = asyncio.create_task(router.run(stop))
         try:

@@ -91,8 +91,10 @@ class JourneyActivities:
         links: tuple[str, str] | None = None,
         rates: RateLimits | None = None,
         ranker: ChannelRanker | None = None,
+        signing_secret: str | None = None,
     ) -> None:
         self.pool = pool
+        self.signing_secret = signing_secret  # signs the webhook step's calls
         self.channels = channels or {"outbox": StoredChannel("outbox")}
         self.rates = rates or RateLimits({})
         self.ranker = ranker or EngagementRanker()
@@ -421,7 +423,7 @@ class JourneyActivities:
     async def call_webhook(self, req: WebhookRequest) -> WebhookResult:
         profile = await self._profile(req.customer_id, stats=False)
         ctx = template_context(profile, req.entry, req.journey_id)
-        return await webhooks.call(self.http, req, ctx)
+        return await webhooks.call(self.http, req, ctx, self.signing_secret)
 
     @activity.defn(name="create_task")
     async def create_task(self, req: TaskRequest) -> TaskCreated:

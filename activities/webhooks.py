@@ -1,14 +1,17 @@
-"""Outgoing webhook calls for the `webhook` step (not the webhook channel, which signs)."""
+"""Outgoing webhook calls for the `webhook` step, signed like the webhook channel (see
+activities.signing) when a signing secret is configured."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 from typing import Any
 
 import httpx
 from temporalio.exceptions import ApplicationError
 
 from activities.rendering import TemplateError, render
+from activities.signing import SIGNATURE_HEADER, signature_header
 from models.runtime import WebhookRequest, WebhookResult
 
 MAX_BODY = 64 * 1024
@@ -25,7 +28,10 @@ def render_payload(value: Any, ctx: dict[str, Any]) -> Any:
 
 
 async def call(
-    client: httpx.AsyncClient, req: WebhookRequest, ctx: dict[str, Any]
+    client: httpx.AsyncClient,
+    req: WebhookRequest,
+    ctx: dict[str, Any],
+    secret: str | None = None,
 ) -> WebhookResult:
     try:
         payload = render_payload(req.payload, ctx)
@@ -34,11 +40,16 @@ async def call(
             f"step {req.step_id!r}: template error: {err}", type="TemplateError"
         ) from err
     headers = {"Idempotency-Key": req.idempotency_key, **req.headers}
+    body = b"" if req.method == "GET" else json.dumps(payload, separators=(",", ":")).encode()
+    if body:
+        headers.setdefault("Content-Type", "application/json")
+    if secret:
+        headers[SIGNATURE_HEADER] = signature_header(secret, body)
     try:
         resp = await client.request(
             req.method,
             req.url,
-            json=payload if req.method != "GET" else None,
+            content=body or None,
             headers=headers,
             timeout=req.timeout_seconds,
         )

@@ -104,6 +104,7 @@ async def engine(
     channels: dict[str, Channel] | None = None,
     links: tuple[str, str] | None = None,
     rates: RateLimits | None = None,
+    signing_secret: str | None = None,
     **router: Any,
 ) -> AsyncIterator[Engine]:
     """Caps are off unless a test passes a policy (`policy=ContactPolicy([Cap...])`)."""
@@ -117,6 +118,7 @@ async def engine(
             channels=channels,
             links=links,
             rates=rates,
+            signing_secret=signing_secret,
         ):
             yield eng
     finally:

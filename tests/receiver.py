@@ -16,10 +16,12 @@ class Receiver(BaseHTTPRequestHandler):
     flaky_left = 0
 
     def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        raw = self.rfile.read(int(self.headers["Content-Length"]))
+        body = json.loads(raw)
         type(self).calls.append(
-            {"path": self.path, "body": body, "key": self.headers.get("Idempotency-Key")}
-        )
+            {"path": self.path, "body": body, "key": self.headers.get("Idempotency-Key"),
+             "raw": raw, "signature": self.headers.get("Journeys-Signature")}
+        )  # fmt: skip
         if self.path == "/flaky" and type(self).flaky_left > 0:
             type(self).flaky_left -= 1
             self._reply(503, {"error": "busy"})

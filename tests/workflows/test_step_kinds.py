@@ -7,6 +7,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import pytest
+
+from activities.signing import BadSignature, verify_signature
 from activities.waits import next_local_time, signed_duration
 from models.runtime import RunSummary
 from tests.harness import engine, identify, track
@@ -147,14 +150,18 @@ def _hook_journey(url: str) -> dict[str, Any]:
 
 
 async def test_webhook_response_feeds_a_branch(db, ts_env, receiver):
-    async with engine(db, ts_env) as eng:
+    async with engine(db, ts_env, signing_secret="hook-key") as eng:
         await eng.publish(_hook_journey(f"{receiver}/ok"))
         await eng.send(identify("k", email="k@example.com"))
         await eng.send(track("k", "Started", sku="SKU-1"))
         result = await eng.result(await eng.run("hook", "k"))
         assert result.steps == ["crm", "gold", "thanks"]
-        assert Receiver.calls[0]["body"] == {"email": "k@example.com", "product": "SKU-1"}
-        assert Receiver.calls[0]["key"]
+        (call,) = Receiver.calls
+        assert call["body"] == {"email": "k@example.com", "product": "SKU-1"}
+        assert call["key"]
+        verify_signature("hook-key", call["signature"], call["raw"])  # signed over the raw body
+        with pytest.raises(BadSignature):
+            verify_signature("other-key", call["signature"], call["raw"])
 
 
 async def test_webhook_4xx_is_a_branch_and_5xx_is_retried_with_one_key(db, ts_env, receiver):
