@@ -95,7 +95,7 @@ class JourneyActivities:
     ) -> None:
         self.pool = pool
         self.signing_secret = signing_secret  # signs the webhook step's calls
-        self.channels = channels or {"outbox": StoredChannel("outbox")}
+        self.channels = channels or {c: StoredChannel(c) for c in ("outbox", "in_app")}
         self.rates = rates or RateLimits({})
         self.ranker = ranker or EngagementRanker()
         # (public base URL, signing secret) for unsubscribe and tracked links in email.

@@ -2,7 +2,7 @@
 of the contact-policy check per send. Target: policy check p99 under 5 ms.
 
 A throwaway embedded PostgreSQL (migrated), a local aiosmtpd server and the local deduplicating
-HTTP provider of the tests, all on this machine. Phases:
+HTTP provider (activities.channels.sandbox), all on this machine. Phases:
   policy   `ContactPolicy.decide` (lock + consent + suppression + three caps counted in
            Postgres) for customers who already have messages in the cap windows; one
            decision per transaction, as at send time.
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import sys
 import tempfile
 import time
@@ -26,9 +25,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from aiosmtpd.controller import Controller
-
 from activities.channels import Channel, RenderedMessage, build_channels
+from activities.channels.sandbox import MailSink, provider_settings, serve, serve_smtp
 from activities.contact_policy import Cap, ContactPolicy
 from activities.journey_activities import JourneyActivities
 from bench.stats import machine_info, summary
@@ -37,17 +35,9 @@ from core.logs import configure_logging
 from core.settings import Settings
 from models.runtime import SendRequest
 from store.db import create_pool, migrate
-from tests.providers import provider_settings, serve
-from tests.smtp import Recorder
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_POLICY_P99_MS = 5.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def _customers(pool: Any, n: int, history: int) -> list[str]:
@@ -130,9 +120,8 @@ async def bench_sends(
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="bench-channels-"))
     server, url = start_postgres(tmp / "pg")
-    recorder = Recorder()
-    smtp = Controller(recorder, hostname="127.0.0.1", port=_free_port())
-    smtp.start()
+    recorder = MailSink()
+    smtp = serve_smtp(recorder)
     provider, http_server = serve()
     try:
         await migrate(url)

@@ -1,8 +1,10 @@
 """`make dev`: the whole stack on embedded defaults, or on DATABASE_URL / TEMPORAL_ADDRESS.
 
 PostgreSQL (data in .data/postgres), the Temporal dev server with its UI (history in
-.data/temporal.db), migrations, the example journeys, then the worker and the API as child
-processes. Ctrl-C stops everything; the next start reuses the data.
+.data/temporal.db), migrations, the example journeys, local stand-ins for the message providers
+unless real ones are configured (mail in .data/sandbox/mail/*.eml, SMS / push / webhook calls in
+.data/sandbox/*.jsonl), then the worker and the API as child processes. Ctrl-C stops
+everything; the next start reuses the data.
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from core.embedded import find_binary, port_in_use, start_postgres, start_temporal
 from core.logs import configure_logging, get_logger
-from core.settings import ROOT, get_settings
+from core.settings import ROOT, Settings, get_settings
 from core.temporal import connect
 from store.db import create_pool, migrate
 from store.journeys import publish_folder
@@ -51,6 +54,23 @@ async def _prepare(db_url: str, address: str, namespace: str) -> dict[str, int]:
     return published
 
 
+def _sandbox(settings: Settings, data: Path) -> tuple[dict[str, str], list[Any]]:
+    """Local providers for the channels no real provider is configured for: (env, servers)."""
+    from activities.channels import sandbox
+
+    env: dict[str, str] = {}
+    servers: list[Any] = []
+    if not settings.smtp_host:
+        smtp = sandbox.serve_smtp(sandbox.MailSink(record_dir=data / "sandbox" / "mail"))
+        servers.append(smtp)
+        env |= {"SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(smtp.port)}
+    if not (settings.sms_api_url or settings.push_api_url or settings.webhook_channel_url):
+        provider, http = sandbox.serve(record_dir=data / "sandbox")
+        servers.append(http)
+        env |= {k.upper(): str(v) for k, v in sandbox.provider_settings(provider).items()}
+    return env, servers
+
+
 def main() -> None:
     settings = get_settings()
     configure_logging("console" if sys.stderr.isatty() else settings.log_format)
@@ -59,6 +79,7 @@ def main() -> None:
     if port_in_use(settings.api_port):
         raise SystemExit(f"port {settings.api_port} (API_PORT) is already in use")
     children: list[subprocess.Popen[bytes]] = []
+    sandboxes: list[Any] = []
     pg = None
     try:
         db_url = settings.database_url
@@ -80,7 +101,10 @@ def main() -> None:
             log.info("temporal.started", address=address)
         published = asyncio.run(_prepare(db_url, address, settings.temporal_namespace))
         log.info("journeys.published", versions=published)
-        env = {**os.environ, "DATABASE_URL": db_url, "TEMPORAL_ADDRESS": address}
+        providers, sandboxes = _sandbox(settings, data)
+        if providers:
+            log.info("sandbox.started", folder=str(data / "sandbox"), settings=providers)
+        env = {**os.environ, "DATABASE_URL": db_url, "TEMPORAL_ADDRESS": address, **providers}
         children.append(subprocess.Popen([sys.executable, str(ROOT / "worker.py")], env=env))
         children.append(
             subprocess.Popen(
@@ -103,9 +127,16 @@ def main() -> None:
             if not settings.temporal_address
             else "(external Temporal: its own UI)"
         )
+        messages = (
+            f"  Messages     {data / 'sandbox'} (local providers: mail/*.eml, sms.jsonl, "
+            "push.jsonl, webhook.jsonl)\n"
+            if providers
+            else ""
+        )
         print(
             f"\n  API docs     {api}/docs\n  Temporal UI  {ui}\n  Write key    "
             f"{settings.journeys_write_key}\n  Admin key    {settings.journeys_admin_key}\n"
+            f"{messages}"
             f"  Try:  curl -u {settings.journeys_write_key}: {api}/v1/track -H "
             '\'content-type: application/json\' -d \'{"userId":"u1","event":"Product Added",'
             '"properties":{"name":"Mug"}}\'\n\n  Ctrl-C stops everything.\n',
@@ -133,6 +164,8 @@ def main() -> None:
                 child.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 child.kill()
+        for server in sandboxes:
+            server.shutdown() if hasattr(server, "shutdown") else server.stop()
         if pg is not None:
             pg.cleanup()  # cleanup_mode="stop": stops the server, keeps the data
         log.info("devstack.stopped")

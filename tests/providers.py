@@ -1,133 +1,37 @@
-"""A real HTTP server on loopback standing in for the SMS (Twilio-style), push (FCM-style) and
-webhook providers. Like those APIs it deduplicates on `Idempotency-Key`: a repeated key gets
-the first answer and delivers nothing new. `deliveries` is what a customer would have received.
-
-Fixture: `provider` → Provider (base URL in `.url`). Knobs: `fail_next` (answer 503 that many
-times), `busy_next` (429 with Retry-After), `hang_next` (accept and deliver, then hold the
-answer for `hang_seconds`: the provider did it but the caller times out).
-"""
+"""Fixture `provider`: the local SMS / push / webhook provider (activities.channels.sandbox), a
+real HTTP server on loopback that deduplicates on Idempotency-Key like Twilio- and Stripe-style
+APIs."""
 
 from __future__ import annotations
 
-import base64
-import json
-import threading
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
-from urllib.parse import parse_qs
 
 import pytest
 
-from activities.signing import SIGNATURE_HEADER, verify_signature
+from activities.channels.sandbox import (
+    INVALID_NUMBER,
+    PUSH_TOKEN,
+    SID,
+    TOKEN,
+    UNREGISTERED,
+    WEBHOOK_SECRET,
+    Provider,
+    provider_settings,
+    serve,
+)
 
-SID, TOKEN = "AC-test", "sms-token"
-PUSH_TOKEN = "push-token"
-WEBHOOK_SECRET = "hook-secret"
-INVALID_NUMBER = "+15005550001"  # Twilio's magic "invalid number": 400, code 21211
-UNREGISTERED = "unregistered-device"  # FCM: 404 UNREGISTERED
-
-
-@dataclass
-class Provider:
-    url: str = ""
-    deliveries: list[dict[str, Any]] = field(default_factory=list)
-    requests: int = 0
-    fail_next: int = 0
-    busy_next: int = 0
-    hang_next: int = 0
-    hang_seconds: float = 3.0
-    answers: dict[str, tuple[int, dict[str, Any]]] = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def by_kind(self, kind: str) -> list[dict[str, Any]]:
-        return [d for d in self.deliveries if d["kind"] == kind]
-
-
-def _handler(p: Provider) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def do_POST(self) -> None:
-            raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            key = self.headers.get("Idempotency-Key") or ""
-            with p.lock:
-                p.requests += 1
-                if p.fail_next > 0:
-                    p.fail_next -= 1
-                    return self._reply(503, {"message": "provider unavailable"})
-                if p.busy_next > 0:
-                    p.busy_next -= 1
-                    return self._reply(429, {"message": "slow down"}, {"Retry-After": "1"})
-                if key and key in p.answers:  # a repeat: the first answer, nothing delivered
-                    return self._reply(*p.answers[key])
-                status, body, delivery = self._handle(raw)
-                if delivery is not None:
-                    p.deliveries.append({**delivery, "key": key})
-                if key and status < 500:
-                    p.answers[key] = (status, body)
-                hang = p.hang_next > 0 and delivery is not None
-                if hang:
-                    p.hang_next -= 1
-            if hang:
-                time.sleep(p.hang_seconds)
-            self._reply(status, body)
-
-        def _handle(self, raw: bytes) -> tuple[int, dict[str, Any], dict[str, Any] | None]:
-            path = self.path
-            n = len(p.deliveries) + 1
-            if path == f"/2010-04-01/Accounts/{SID}/Messages.json":
-                auth = self.headers.get("Authorization", "")
-                if auth != "Basic " + base64.b64encode(f"{SID}:{TOKEN}".encode()).decode():
-                    return 401, {"code": 20003, "message": "Authenticate"}, None
-                form = {k: v[0] for k, v in parse_qs(raw.decode()).items()}
-                if form.get("To") == INVALID_NUMBER:
-                    return 400, {"code": 21211, "message": "Invalid 'To' Phone Number"}, None
-                sid = f"SM{n:032d}"
-                return 201, {"sid": sid, "status": "queued"}, {"kind": "sms", "sid": sid, **form}
-            if path.startswith("/v1/projects/") and path.endswith("/messages:send"):
-                if self.headers.get("Authorization") != f"Bearer {PUSH_TOKEN}":
-                    return 401, {"error": "UNAUTHENTICATED"}, None
-                msg = json.loads(raw)["message"]
-                if msg.get("token") == UNREGISTERED:
-                    return 404, {"error": "UNREGISTERED", "message": "token not registered"}, None
-                name = f"{path.removesuffix(':send')}/{n}"
-                return 200, {"name": name}, {"kind": "push", "name": name, **msg}
-            if path.startswith("/hooks"):
-                try:
-                    verify_signature(WEBHOOK_SECRET, self.headers.get(SIGNATURE_HEADER), raw)
-                except ValueError as err:
-                    return 401, {"error": str(err)}, None
-                return 200, {"ok": True}, {"kind": "webhook", "body": json.loads(raw)}
-            return 404, {"error": f"no route {path}"}, None
-
-        def _reply(
-            self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None
-        ) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            for k, v in (headers or {}).items():
-                self.send_header(k, v)
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args: Any) -> None:
-            """Quiet: tests assert on `deliveries`."""
-
-    return Handler
-
-
-def serve() -> tuple[Provider, ThreadingHTTPServer]:
-    p = Provider()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(p))
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    p.url = f"http://127.0.0.1:{server.server_address[1]}"
-    return p, server
+__all__ = [
+    "INVALID_NUMBER",
+    "PUSH_TOKEN",
+    "SID",
+    "TOKEN",
+    "UNREGISTERED",
+    "WEBHOOK_SECRET",
+    "Provider",
+    "provider",
+    "provider_settings",
+    "serve",
+]
 
 
 @pytest.fixture
@@ -135,16 +39,3 @@ def provider() -> Iterator[Provider]:
     p, server = serve()
     yield p
     server.shutdown()
-
-
-def provider_settings(p: Provider) -> dict[str, Any]:
-    """Settings fields that point every HTTP channel at this provider."""
-    return {
-        "sms_api_url": f"{p.url}/2010-04-01",
-        "sms_account_sid": SID,
-        "sms_auth_token": TOKEN,
-        "push_api_url": p.url,
-        "push_access_token": PUSH_TOKEN,
-        "webhook_channel_url": f"{p.url}/hooks/messages",
-        "webhook_signing_secret": WEBHOOK_SECRET,
-    }

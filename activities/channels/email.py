@@ -19,6 +19,7 @@ raises the aiosmtplib / OS error unchanged, so the activity retries.
 from __future__ import annotations
 
 import hashlib
+from email import policy
 from email.message import EmailMessage
 from email.utils import formatdate, parseaddr
 
@@ -29,6 +30,7 @@ from activities.channels import Delivery, PermanentDeliveryError, RenderedMessag
 __all__ = ["EmailChannel", "PermanentDeliveryError", "message_id_for"]
 
 IDEMPOTENCY_HEADER = "X-Journeys-Idempotency-Key"
+_POLICY = policy.SMTP.clone(max_line_length=998)
 
 
 def message_id_for(idempotency_key: str, sender_domain: str) -> str:
@@ -70,7 +72,9 @@ class EmailChannel:
                 f"email message {message.idempotency_key!r} has no `to` address "
                 f"(customer {message.customer_id!r})"
             )
-        msg = EmailMessage()
+        # RFC 5322 allows 998-character lines: long URLs and keys stay readable, never folded
+        # into RFC 2047 encoded words (mail clients do not decode List-Unsubscribe).
+        msg = EmailMessage(policy=_POLICY)
         # Header values with CR/LF are rejected by the email policy (no header injection).
         msg["From"] = self.sender
         msg["To"] = message.to
@@ -91,7 +95,7 @@ class EmailChannel:
         recipient = parseaddr(message.to or "")[1] or (message.to or "")
         try:
             await aiosmtplib.send(
-                msg,
+                msg.as_bytes(policy=_POLICY),  # aiosmtplib would re-fold at 78 columns
                 sender=parseaddr(self.sender)[1] or self.sender,
                 recipients=[recipient],
                 hostname=self.host,

@@ -81,6 +81,8 @@ async def test_one_click_unsubscribe_stops_the_next_email(db, pg_url, dev_env, s
         await (await eng.run("mail", "uns")).result()
         (mail,) = recorder.messages()
         url = mail["List-Unsubscribe"].strip("<>")
+        # Raw, unfolded and not encoded: mail clients read the URL as it stands.
+        assert f"List-Unsubscribe: <{url}>\r\n".encode() in recorder.envelopes[0].content
         assert mail["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
         path = url.removeprefix("http://api")
         page = await api.get(path)  # a link scanner: changes nothing
