@@ -206,7 +206,7 @@ class JourneyActivities:
     ) -> SendResult:
         name: str = row["channel"]
         channel = self.channels[name]
-        wait = self.rates.wait_for(name)
+        wait = await self.rates.wait_for(self.pool, name)
         if wait is not None:
             raise ApplicationError(
                 f"{name} rate limit reached; retrying in {wait:.2f}s",

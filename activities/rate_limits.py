@@ -1,17 +1,25 @@
-"""Per-provider send rates (messages/s, per worker process), e.g. "email=50,sms=10".
+"""Per-provider send rates, e.g. "email=50,sms=10" (messages per second, across all workers).
 
-Over the rate, the send activity does not wait inside the provider call: it fails with
-`next_retry_delay` set to when the window frees up, so Temporal retries it then — the workflow
-backs off durably and nothing is lost or sent twice (the key is the same on every attempt).
+Provider limits are per account, so the count is kept in Postgres, not in a worker: one row
+per channel and time window, incremented by every send that wants to go out. Over the rate,
+the send activity does not wait inside the provider call: it fails with `next_retry_delay` set
+to the end of the window, so Temporal retries it then — the workflow backs off durably and
+nothing is lost or sent twice (the key is the same on every attempt).
 """
 
 from __future__ import annotations
 
-import time
+import math
+import random
 
-from limits import RateLimitItemPerSecond
-from limits.storage import MemoryStorage
-from limits.strategies import MovingWindowRateLimiter
+import asyncpg
+
+_HIT = """
+INSERT INTO send_rate_windows AS w (channel, window_start, sent)
+VALUES ($1, to_timestamp(floor(extract(epoch FROM clock_timestamp()) / $2) * $2), 1)
+ON CONFLICT (channel, window_start) DO UPDATE SET sent = w.sent + 1
+RETURNING sent, $2 - extract(epoch FROM clock_timestamp() - window_start)::float8 AS left_s
+"""
 
 
 def parse_rates(spec: str) -> dict[str, float]:
@@ -32,17 +40,25 @@ def parse_rates(spec: str) -> dict[str, float]:
 
 class RateLimits:
     def __init__(self, rates: dict[str, float]) -> None:
-        self.limiter = MovingWindowRateLimiter(MemoryStorage())
-        # Whole messages per second; a rate under 1/s becomes 1 per ceil(1/rate) seconds.
-        self.items = {
-            ch: RateLimitItemPerSecond(max(int(r), 1), 1 if r >= 1 else round(1 / r))
-            for ch, r in rates.items()
+        # (window seconds, messages per window): 0.2/s is one message per 5-second window.
+        self.windows = {
+            ch: (1, int(r)) if r >= 1 else (math.ceil(1 / r), 1) for ch, r in rates.items()
         }
+        self._hits = 0
 
-    def wait_for(self, channel: str) -> float | None:
-        """Take a slot now (None) or say how many seconds until one frees up."""
-        item = self.items.get(channel)
-        if item is None or self.limiter.hit(item, channel):
+    async def wait_for(self, pool: asyncpg.Pool, channel: str) -> float | None:
+        """Take a slot now (None) or say how many seconds until the next window."""
+        window = self.windows.get(channel)
+        if window is None:
             return None
-        reset = self.limiter.get_window_stats(item, channel).reset_time
-        return max(reset - time.time(), 0.05)
+        seconds, limit = window
+        row = await pool.fetchrow(_HIT, channel, seconds)
+        self._hits += 1
+        if self._hits % 1000 == 0:
+            await pool.execute(
+                "DELETE FROM send_rate_windows WHERE window_start < now() - interval '1 hour'"
+            )
+        if row["sent"] <= limit:
+            return None
+        # Spread the retries over the next window instead of all at its first instant.
+        return max(row["left_s"], 0.01) + random.uniform(0, seconds)

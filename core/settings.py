@@ -69,8 +69,8 @@ class Settings(BaseSettings):
     # provider delivery/bounce callbacks sent to us in the same scheme.
     webhook_signing_secret: str = "dev-webhook-secret"
     webhook_tolerance_seconds: int = 300
-    # Per-provider send rate (messages/s per worker), e.g. "email=50,sms=10"; over it, the
-    # send activity is retried later instead of calling the provider.
+    # Per-provider send rate (messages/s across all workers), e.g. "email=50,sms=10"; over
+    # it, the send activity is retried later instead of calling the provider.
     channel_rate_limits: str = ""
     provider_timeout: float = 10
     # Outbox relay: how many stored events it routes per round.

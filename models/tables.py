@@ -294,3 +294,14 @@ class MessageTemplateVersion(SQLModel, table=True):
     body: str
     html: str | None = None
     created_at: datetime | None = _ts()
+
+
+class SendRateWindow(SQLModel, table=True):
+    """Sends per channel per time window, shared by all workers (CHANNEL_RATE_LIMITS)."""
+
+    __tablename__ = "send_rate_windows"
+    channel: str = Field(primary_key=True, max_length=32)
+    window_start: datetime = Field(
+        sa_column=sa.Column(sa.DateTime(timezone=True), primary_key=True)
+    )
+    sent: int

@@ -32,6 +32,12 @@ def upgrade() -> None:
         op.add_column('messages', sa.Column(name, sa.DateTime(timezone=True), nullable=True))
     op.create_index('ix_messages_provider_id', 'messages', ['channel', 'provider_id'], unique=False)
     op.create_index('ix_customers_phone', 'customers', [sa.text("btrim(traits->>'phone')")], unique=False, postgresql_where=sa.text('merged_into IS NULL'))
+    op.create_table('send_rate_windows',
+    sa.Column('channel', sqlmodel.sql.sqltypes.AutoString(length=32), nullable=False),
+    sa.Column('window_start', sa.DateTime(timezone=True), nullable=False),
+    sa.Column('sent', sa.Integer(), nullable=False),
+    sa.PrimaryKeyConstraint('channel', 'window_start')
+    )
     op.create_table('templates',
     sa.Column('id', sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
     sa.Column('name', sqlmodel.sql.sqltypes.AutoString(), nullable=False),
@@ -54,6 +60,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    op.drop_table('send_rate_windows')
     op.drop_table('template_versions')
     op.drop_table('templates')
     op.drop_index('ix_messages_provider_id', table_name='messages')
