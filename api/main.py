@@ -17,6 +17,7 @@ from api.routes import (
     journeys,
     launches,
     providers,
+    reports,
     tasks,
     templates,
     tracking,
@@ -61,6 +62,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(tracking.router)
     app.include_router(providers.router)
     app.include_router(inbox.router)
+    app.include_router(reports.router)
 
     @app.get("/health", tags=["health"])
     async def health(pool: PoolDep) -> dict[str, str]:

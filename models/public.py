@@ -273,3 +273,28 @@ class TemplateTestSendResult(RenderedTemplate):
     to: str
     status: str
     provider_id: str | None
+
+
+class StepChannelStats(BaseModel):
+    step_id: str | None
+    channel: str
+    messages: int
+    sent: int
+    in_flight: int
+    failed: int
+    bounced: int
+    delivered: int
+    opened: int
+    clicked: int
+    read: int
+    skipped: dict[str, int] = Field(description="skipped sends by reason")
+    delivery_rate: float | None
+    open_rate: float | None
+    click_rate: float | None
+    bounce_rate: float | None
+
+
+class ChannelReport(BaseModel):
+    journey_id: str
+    version: int | None
+    steps: list[StepChannelStats]

@@ -9,7 +9,7 @@ from activities.channels import build_channels
 from activities.rate_limits import RateLimits
 from core.settings import Settings
 from tests.harness import ADMIN, admin_api, engine, identify, track
-from tests.providers import UNREGISTERED, Provider, provider_settings
+from tests.providers import INVALID_NUMBER, UNREGISTERED, Provider, provider_settings
 
 
 def _journey(jid: str, channel: Any, **template: Any) -> dict[str, Any]:
@@ -206,3 +206,41 @@ async def test_a_send_renders_the_stored_template_version_it_was_published_with(
         (row,) = await eng.messages("tpl")
         assert (row["subject"], row["body"]) == ("v1", "One Tia")
         assert (row["template_id"], row["template_version"]) == ("note", 1)
+
+
+async def test_channel_report_counts_what_each_step_and_channel_achieved(
+    db, pg_url, ts_env, provider
+):
+    journey = _journey("rep", ["sms", "in_app"])
+    journey["steps"].append(
+        {"id": "again", "kind": "send", "channel": "sms", "category": "transactional",
+         "template": {"body": "Again"}}
+    )  # fmt: skip
+    async with (
+        engine(db, ts_env, channels=_channels(provider)) as eng,
+        admin_api(eng, pg_url) as api,
+    ):
+        await eng.publish(journey)
+        await eng.send(
+            identify("t1", name="A", phone="+15550008001"),
+            identify("t2", name="B", phone=INVALID_NUMBER),
+            identify("t3", name="C"),
+        )
+        await eng.send(*[track(u, "Started") for u in ("t1", "t2", "t3")])
+        for u in ("t1", "t2", "t3"):
+            await eng.result(await eng.run("rep", u))
+        (inbox,) = (await api.get("/v1/customers/t3/inbox", headers=ADMIN)).json()["items"]
+        await api.post(f"/v1/customers/t3/inbox/{inbox['id']}/read", headers=ADMIN)
+        r = await api.get("/v1/journeys/rep/channels", headers=ADMIN)
+        assert r.status_code == 200
+        got = {(s["step_id"], s["channel"]): s for s in r.json()["steps"]}
+        assert set(got) == {("hello", "sms"), ("hello", "in_app"), ("again", "sms")}
+        hello_sms = got["hello", "sms"]
+        assert (hello_sms["messages"], hello_sms["sent"], hello_sms["bounced"]) == (2, 1, 1)
+        assert hello_sms["bounce_rate"] == 0.5
+        hello_app = got["hello", "in_app"]
+        assert (hello_app["sent"], hello_app["read"]) == (1, 1)
+        again = got["again", "sms"]  # t2's number is suppressed now; t3 has none
+        assert (again["sent"], again["skipped"]) == (1, {"suppressed": 1, "no_address": 1})
+        missing = await api.get("/v1/journeys/nope/channels", headers=ADMIN)
+        assert missing.status_code == 404 and "journey_id" in missing.json()["message"]
