@@ -27,6 +27,7 @@ from activities.rate_limits import RateLimits
 from activities.rendering import TemplateError, render
 from activities.scoring import MODELS
 from activities.tracking import instrument
+from models.journey import Template
 from models.runtime import (
     ProfileSnapshot,
     ProfileUpdate,
@@ -48,7 +49,7 @@ from store.events import NOTIFY_CHANNEL
 from store.profiles import profile_stats
 from store.templates import get_version
 
-_MESSAGE_COLUMNS = "id, status, skip_reason, address, channel, customer_id"
+_MESSAGE_COLUMNS = "id, status, skip_reason, address, channel, customer_id, subject, body, html"
 _SELECT_MESSAGE = f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE idempotency_key = $1"
 
 log = structlog.stdlib.get_logger("activities")
@@ -140,22 +141,23 @@ class JourneyActivities:
         )
         profile = await self._profile(req.customer_id, stats=False)
         customer_id = profile.customer_id  # the survivor, if the customer was merged meanwhile
-        content = await self._content(req)
+        contents = await self._contents(req)
         ctx = template_context(profile, req.entry, req.journey_id, req.journey_version)
-        try:
-            subject = render(content.subject, ctx) if content.subject else None
-            body = render(content.body, ctx)
-            html = render(content.html, ctx) if content.html else None
-        except TemplateError as err:
-            raise ApplicationError(
-                f"step {req.step_id!r}: template error: {err}", type="TemplateError"
-            ) from err
         async with self.pool.acquire() as conn, conn.transaction():
             await self.policy.lock(conn, customer_id)
             row = await conn.fetchrow(_SELECT_MESSAGE, req.idempotency_key)
             fresh = row is None
             if row is None:
                 channel_name, decision = await self._choose(conn, req, customer_id, profile)
+                content = contents.get(channel_name) or contents["*"]
+                try:
+                    subject = render(content.subject, ctx) if content.subject else None
+                    body = render(content.body, ctx)
+                    html = render(content.html, ctx) if content.html else None
+                except TemplateError as err:
+                    raise ApplicationError(
+                        f"step {req.step_id!r}: template error: {err}", type="TemplateError"
+                    ) from err
                 row = await conn.fetchrow(
                     "INSERT INTO messages (idempotency_key, customer_id, journey_id, "
                     "journey_version, step_id, workflow_id, channel, subject, body, html, "
@@ -193,18 +195,12 @@ class JourneyActivities:
         if row["status"] not in ("pending", "sending"):
             bound.info("send.duplicate", status=row["status"])
             return result.model_copy(update={"duplicate": True})
-        return await self._deliver(req, row, subject, body, html, bound)
+        return await self._deliver(req, row, bound)
 
-    async def _deliver(
-        self,
-        req: SendRequest,
-        row: asyncpg.Record,
-        subject: str | None,
-        body: str,
-        html: str | None,
-        bound: Any,
-    ) -> SendResult:
+    async def _deliver(self, req: SendRequest, row: asyncpg.Record, bound: Any) -> SendResult:
+        """Deliver what the reservation stored (a retry sends exactly that, rendered once)."""
         name: str = row["channel"]
+        subject, body, html = row["subject"], row["body"], row["html"]
         channel = self.channels[name]
         wait = await self.rates.wait_for(self.pool, name)
         if wait is not None:
@@ -294,18 +290,25 @@ class JourneyActivities:
             "UPDATE messages SET error = $2 WHERE id = $1", message_id, error[:1000]
         )
 
-    async def _content(self, req: SendRequest) -> _Content:
-        if req.template_id is None:
-            if req.body is None:
-                raise ApplicationError(
-                    f"step {req.step_id!r}: no template body", type="InvalidRequest"
-                )
-            return _Content(req.subject, req.body, req.html)
-        found = await get_version(self.pool, req.template_id, req.template_version)
+    async def _contents(self, req: SendRequest) -> dict[str, _Content]:
+        """The step's content ("*") and its per-channel variants, stored ones loaded."""
+        inline = Template.model_validate(
+            {k: v for k, v in (("subject", req.subject), ("body", req.body), ("html", req.html),
+                               ("ref", req.template_id), ("version", req.template_version))
+             if v is not None}
+        )  # fmt: skip
+        return {
+            name: await self._content(req, t) for name, t in [("*", inline), *req.variants.items()]
+        }
+
+    async def _content(self, req: SendRequest, t: Template) -> _Content:
+        if t.ref is None:
+            assert t.body is not None  # the definition requires body or ref
+            return _Content(t.subject, t.body, t.html)
+        found = await get_version(self.pool, t.ref, t.version)
         if found is None:
             raise ApplicationError(
-                f"step {req.step_id!r}: template {req.template_id!r} version "
-                f"{req.template_version} does not exist",
+                f"step {req.step_id!r}: template {t.ref!r} version {t.version} does not exist",
                 type="InvalidRequest",
             )
         return _Content(found.subject, found.body, found.html, found.template_id, found.version)

@@ -158,6 +158,9 @@ class SendStep(_Step):
     category: Literal["marketing", "transactional"] = "marketing"
     topic: str = Field(default="marketing", pattern=r"^[a-z0-9][a-z0-9_\-]*$", max_length=64)
     quiet_hours: QuietHours | None = None
+    # Content for one channel instead of `template` when the send goes out on it (an SMS text
+    # beside the email of a fallback list).
+    variants: dict[ChannelName, Template] = Field(default_factory=dict)
     next: str | None = None
 
     @model_validator(mode="after")
@@ -167,7 +170,20 @@ class SendStep(_Step):
                 raise ValueError("channel: the fallback list is empty")
             if len(set(self.channel)) != len(self.channel):
                 raise ValueError("channel: the fallback list names a channel twice")
+        if self.channel != "best":
+            for name in self.variants:
+                if name not in self.channels:
+                    raise ValueError(
+                        f"variants.{name}: the step does not send on {name} "
+                        f"(channels: {', '.join(self.channels)})"
+                    )
         return self
+
+    def templates(self) -> list[tuple[str, Template]]:
+        """(field, template) of every template the step may render."""
+        return [("template", self.template)] + [
+            (f"variants.{name}", t) for name, t in self.variants.items()
+        ]
 
     @property
     def channels(self) -> list[str]:

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from models.journey import JourneyDefinition
+from models.journey import JourneyDefinition, Template
 
 
 class JourneyEvent(BaseModel):
@@ -166,6 +166,9 @@ class SendRequest(BaseModel):
     html: str | None = None
     template_id: str | None = Field(default=None, description="stored template (pinned)")
     template_version: int | None = None
+    variants: dict[str, Template] = Field(
+        default_factory=dict, description="content for one channel instead of the above"
+    )
     entry: dict[str, Any] | None = None
 
     @property

@@ -120,9 +120,12 @@ def _templates(step: Step) -> list[tuple[str, str]]:
     if isinstance(step, SendStep):
         # A `ref` has no inline content: the stored template is checked when it is written
         # and again when the journey is published.
-        t = step.template
-        fields = {"body": t.body, "subject": t.subject, "html": t.html}
-        return [(f"template.{k}", v) for k, v in fields.items() if v is not None]
+        return [
+            (f"{where}.{k}", v)
+            for where, t in step.templates()
+            for k, v in (("body", t.body), ("subject", t.subject), ("html", t.html))
+            if v is not None
+        ]
     if isinstance(step, WebhookStep):
         return [(f"payload.{k}", v) for k, v in _strings(step.payload, "")]
     return []

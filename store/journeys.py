@@ -12,9 +12,9 @@ import asyncpg
 import yaml
 from pydantic import ValidationError
 
-from models.journey import STEP_KINDS, JourneyDefinition, SendStep
+from models.journey import STEP_KINDS, JourneyDefinition, SendStep, Template
 from models.validation import check
-from store.templates import InvalidTemplate, check_content, get_template, get_version
+from store.templates import CHANNELS, InvalidTemplate, check_content, get_template, get_version
 
 
 class DefinitionError(ValueError):
@@ -85,30 +85,47 @@ async def resolve_templates(
     errors: list[str] = []
     steps = []
     for step in defn.steps:
-        ref = step.template if isinstance(step, SendStep) else None
-        if ref is None or ref.ref is None:
+        if not isinstance(step, SendStep):
             steps.append(step)
             continue
-        where = f"step {step.id!r}: template.ref"
-        found = await get_version(conn, ref.ref, ref.version)
-        if found is None:
-            if ref.version is not None and await get_template(conn, ref.ref) is not None:
-                errors.append(f"{where}: template {ref.ref!r} has no version {ref.version}")
-            else:
-                errors.append(f"{where}: no stored template {ref.ref!r}")
-            steps.append(step)
-            continue
-        if step.channel != "best" and found.channel not in step.channels:
-            errors.append(
-                f"{where}: template {ref.ref!r} is for {found.channel}, the step sends on "
-                f"{', '.join(step.channels)}"
+        pinned: dict[str, Template] = {}
+        for field, ref in step.templates():
+            if ref.ref is None:
+                continue
+            where = f"step {step.id!r}: {field}.ref"
+            found = await get_version(conn, ref.ref, ref.version)
+            if found is None:
+                if ref.version is not None and await get_template(conn, ref.ref) is not None:
+                    errors.append(f"{where}: template {ref.ref!r} has no version {ref.version}")
+                else:
+                    errors.append(f"{where}: no stored template {ref.ref!r}")
+                continue
+            fits = (
+                [field.removeprefix("variants.")]
+                if field != "template"
+                else list(CHANNELS)
+                if step.channel == "best"
+                else step.channels
             )
-        try:
-            check_content(subject=found.subject, body=found.body, html=found.html)
-        except InvalidTemplate as err:
-            errors.append(f"{where}: template {ref.ref!r} v{found.version}: {err}")
-        pinned = ref.model_copy(update={"version": found.version})
-        steps.append(step.model_copy(update={"template": pinned}))
+            if found.channel not in fits:
+                errors.append(
+                    f"{where}: template {ref.ref!r} is for {found.channel}, the step sends on "
+                    f"{', '.join(fits)}"
+                )
+            try:
+                check_content(subject=found.subject, body=found.body, html=found.html)
+            except InvalidTemplate as err:
+                errors.append(f"{where}: template {ref.ref!r} v{found.version}: {err}")
+            pinned[field] = ref.model_copy(update={"version": found.version})
+        update: dict[str, object] = {}
+        if "template" in pinned:
+            update["template"] = pinned.pop("template")
+        if pinned:
+            variants = dict(step.variants)
+            for field, t in pinned.items():
+                variants[field.removeprefix("variants.")] = t  # type: ignore[index]
+            update["variants"] = variants
+        steps.append(step.model_copy(update=update) if update else step)
     if errors:
         raise DefinitionError(f"{source}: " + "; ".join(errors))
     return defn.model_copy(update={"steps": steps})

@@ -246,6 +246,7 @@ async def send(run: JourneyWorkflow, step: SendStep) -> str:
         html=step.template.html,
         template_id=step.template.ref,
         template_version=step.template.version,
+        variants=dict(step.variants),
         entry=run.state.entry.as_context() if run.state.entry else None,
     )
     try:

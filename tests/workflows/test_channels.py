@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from activities.channels import build_channels
 from activities.rate_limits import RateLimits
 from core.settings import Settings
@@ -244,3 +246,39 @@ async def test_channel_report_counts_what_each_step_and_channel_achieved(
         assert (again["sent"], again["skipped"]) == (1, {"suppressed": 1, "no_address": 1})
         missing = await api.get("/v1/journeys/nope/channels", headers=ADMIN)
         assert missing.status_code == 404 and "journey_id" in missing.json()["message"]
+
+
+async def test_a_variant_gives_a_channel_its_own_content(db, ts_env, provider):
+    from store.journeys import DefinitionError, parse_definition
+    from store.templates import create_template
+
+    async with db.acquire() as conn:
+        body = "{{ profile.name }}: 50% off"
+        await create_template(conn, "short", channel="push", subject="Sale", body=body)
+    journey = _journey("var", ["email", "sms", "push"], subject="Our sale", body="Long email text",
+                       html="<p>Long email</p>")  # fmt: skip
+    journey["steps"][0]["variants"] = {
+        "sms": {"body": "SALE {{ profile.name }}: 50% off today"},
+        "push": {"ref": "short"},
+    }
+    async with engine(db, ts_env, channels=_channels(provider)) as eng:
+        await eng.publish(journey)
+        await eng.send(identify("v1", name="Vi", phone="+15550009100"))
+        await eng.send(identify("v2", name="Wu", push_token="tok-v2"))
+        await eng.send(track("v1", "Started"), track("v2", "Started"))
+        await eng.result(await eng.run("var", "v1"))
+        await eng.result(await eng.run("var", "v2"))
+        (sms,) = provider.by_kind("sms")
+        assert sms["Body"] == "SALE Vi: 50% off today"
+        (push,) = provider.by_kind("push")
+        assert push["notification"] == {"title": "Sale", "body": "Wu: 50% off"}
+        (row,) = await eng.messages("v2")
+        assert (row["template_id"], row["template_version"], row["html"]) == ("short", 1, None)
+
+    bad = _journey("bad", ["email", "sms"])
+    bad["steps"][0]["variants"] = {"push": {"body": "x"}}
+    with pytest.raises(DefinitionError, match=r"step 'hello'.*variants\.push: the step does not"):
+        parse_definition(bad)
+    bad["steps"][0]["variants"] = {"sms": {"body": "{{ user.name }}"}}
+    with pytest.raises(DefinitionError, match=r"variants\.sms\.body: unknown template variable"):
+        parse_definition(bad)
