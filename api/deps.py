@@ -10,6 +10,7 @@ import asyncpg
 from fastapi import Depends, Request
 from temporalio.client import Client
 
+from activities.channels import Channel
 from api.errors import ApiError
 from core.settings import Settings
 
@@ -26,7 +27,12 @@ def get_app_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
+def get_channels(request: Request) -> dict[str, Channel]:
+    return request.app.state.channels
+
+
 PoolDep = Annotated[asyncpg.Pool, Depends(get_pool)]
+ChannelsDep = Annotated[dict[str, Channel], Depends(get_channels)]
 TemporalDep = Annotated[Client, Depends(get_temporal)]
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import httpx
 from fastapi import FastAPI
 
+from activities.channels import build_channels
 from api import errors
 from api.deps import PoolDep
 from api.routes import (
@@ -40,7 +42,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.settings = settings
         app.state.pool = await create_pool(settings.database_url, max_size=20)
         app.state.temporal = await connect(settings.temporal_address, settings.temporal_namespace)
-        yield
+        # Test sends go through the same providers as the worker's sends.
+        async with httpx.AsyncClient(timeout=settings.provider_timeout) as http:
+            app.state.channels = build_channels(settings, http)
+            yield
+            for channel in app.state.channels.values():
+                if hasattr(channel, "aclose"):
+                    await channel.aclose()
         await app.state.pool.close()
 
     app = FastAPI(

@@ -23,6 +23,7 @@ class Recorder:
     """Accepts every recipient but the ones above and records each delivered envelope."""
 
     envelopes: list[Any] = field(default_factory=list)
+    peers: list[Any] = field(default_factory=list)
 
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: Any
@@ -38,6 +39,7 @@ class Recorder:
         if TOO_BIG in envelope.rcpt_tos:
             return "552 message size exceeds limit"
         self.envelopes.append(envelope)
+        self.peers.append(session.peer)  # (ip, port): one per client connection
         return "250 Message accepted for delivery"
 
     def messages(self) -> list[EmailMessage]:

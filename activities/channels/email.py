@@ -19,6 +19,7 @@ raises the aiosmtplib / OS error unchanged, so the activity retries.
 from __future__ import annotations
 
 import hashlib
+import time
 from email import policy
 from email.message import EmailMessage
 from email.utils import formatdate, parseaddr
@@ -54,6 +55,8 @@ class EmailChannel:
         use_tls: bool = False,
         start_tls: bool | None = None,
         timeout: float = 10,
+        max_idle: int = 8,
+        idle_seconds: float = 30,
     ) -> None:
         self.host = host
         self.port = port
@@ -64,6 +67,11 @@ class EmailChannel:
         self.use_tls = use_tls
         self.start_tls = start_tls  # None: STARTTLS when the server offers it
         self.timeout = timeout
+        # Idle connections kept for reuse, with when they went idle; servers drop idle
+        # clients after a minute or more, so ours are retired sooner.
+        self.max_idle = max_idle
+        self.idle_seconds = idle_seconds
+        self._idle: list[tuple[aiosmtplib.SMTP, float]] = []
 
     def build(self, message: RenderedMessage) -> EmailMessage:
         """The MIME message for one send (deterministic apart from Date)."""
@@ -90,23 +98,60 @@ class EmailChannel:
             msg.add_alternative(message.html, subtype="html")
         return msg
 
+    async def _connect(self) -> aiosmtplib.SMTP:
+        smtp = aiosmtplib.SMTP(
+            hostname=self.host,
+            port=self.port,
+            use_tls=self.use_tls,
+            start_tls=self.start_tls,
+            timeout=self.timeout,
+        )
+        await smtp.connect()
+        if self.username:
+            await smtp.login(self.username, self.password or "")
+        return smtp
+
+    async def _checkout(self) -> tuple[aiosmtplib.SMTP, bool]:
+        """An idle connection young enough to trust (reused=True), else a new one."""
+        now = time.monotonic()
+        while self._idle:
+            smtp, since = self._idle.pop()
+            if smtp.is_connected and now - since < self.idle_seconds:
+                return smtp, True
+            smtp.close()
+        return await self._connect(), False
+
+    def _checkin(self, smtp: aiosmtplib.SMTP) -> None:
+        if len(self._idle) < self.max_idle and smtp.is_connected:
+            self._idle.append((smtp, time.monotonic()))
+        else:
+            smtp.close()
+
+    async def aclose(self) -> None:
+        while self._idle:
+            smtp, _ = self._idle.pop()
+            smtp.close()
+
     async def deliver(self, message: RenderedMessage) -> Delivery:
+        """Over a reused connection when one is idle (a TLS handshake per message would cap
+        throughput); a connection that failed in any way is closed, never reused."""
         msg = self.build(message)
+        data = msg.as_bytes(policy=_POLICY)  # aiosmtplib would re-fold at 78 columns
         recipient = parseaddr(message.to or "")[1] or (message.to or "")
+        sender = parseaddr(self.sender)[1] or self.sender
+        smtp, reused = await self._checkout()
         try:
-            await aiosmtplib.send(
-                msg.as_bytes(policy=_POLICY),  # aiosmtplib would re-fold at 78 columns
-                sender=parseaddr(self.sender)[1] or self.sender,
-                recipients=[recipient],
-                hostname=self.host,
-                port=self.port,
-                username=self.username,
-                password=self.password,
-                use_tls=self.use_tls,
-                start_tls=self.start_tls,
-                timeout=self.timeout,
-            )
+            try:
+                await smtp.sendmail(sender, [recipient], data)
+            except aiosmtplib.SMTPServerDisconnected:
+                if not reused:
+                    raise
+                # The server dropped an idle connection: once more on a fresh one.
+                smtp.close()
+                smtp = await self._connect()
+                await smtp.sendmail(sender, [recipient], data)
         except aiosmtplib.SMTPRecipientsRefused as err:
+            smtp.close()
             # One recipient, so one refusal; permanent only if it is a 5xx.
             refusal = err.recipients[0] if err.recipients else None
             if refusal is not None and refusal.code >= 500:
@@ -115,7 +160,12 @@ class EmailChannel:
                 ) from err
             raise
         except (aiosmtplib.SMTPRecipientRefused, aiosmtplib.SMTPDataError) as err:
+            smtp.close()
             if err.code >= 500:
                 raise PermanentDeliveryError(err.code, err.message, recipient) from err
             raise
+        except BaseException:
+            smtp.close()
+            raise
+        self._checkin(smtp)
         return Delivery(status="sent", provider_id=msg["Message-ID"])

@@ -13,13 +13,12 @@ from dataclasses import asdict
 from typing import Any
 
 import asyncpg
-import httpx
 from fastapi import APIRouter
 
-from activities.channels import PermanentDeliveryError, RenderedMessage, build_channels
+from activities.channels import PermanentDeliveryError, RenderedMessage
 from activities.journey_activities import template_context
 from activities.rendering import TemplateError, render
-from api.deps import AdminDep, PoolDep, SettingsDep
+from api.deps import AdminDep, ChannelsDep, PoolDep
 from api.errors import ApiError
 from core.logs import get_logger
 from models.public import (
@@ -179,7 +178,7 @@ async def preview_template(
 
 @router.post("/{template_id}/test-send", response_model=TemplateTestSendResult)
 async def test_send_template(
-    template_id: str, body: TemplateTestSendRequest, pool: PoolDep, settings: SettingsDep
+    template_id: str, body: TemplateTestSendRequest, pool: PoolDep, channels: ChannelsDep
 ) -> TemplateTestSendResult:
     """Render (with the customer's profile, else an empty one) and deliver to `to` on the
     template's channel. Recorded in `messages` as a transactional message with `test = true`
@@ -194,55 +193,53 @@ async def test_send_template(
         rendered["subject"] = f"[TEST] {rendered['subject'] or ''}".rstrip()
     key = f"test:{uuid.uuid4()}"
     bound = log.bind(template_id=template_id, version=content.version, key=key)
-    # A test send is rare: its provider client lives for this request only.
-    async with httpx.AsyncClient(timeout=settings.provider_timeout) as http:
-        channel = build_channels(settings, http).get(content.channel)
-        if channel is None:
-            raise ApiError(
-                409,
-                "channel_unavailable",
-                f"channel: {content.channel!r} is not configured on this deployment",
-            )
-        message_id = await pool.fetchval(
-            "INSERT INTO messages (idempotency_key, customer_id, channel, subject, body, html, "
-            "status, category, address, template_id, template_version, test, attempts, "
-            "claimed_at) VALUES ($1, $2, $3, $4, $5, $6, 'sending', 'transactional', $7, $8, "
-            "$9, true, 1, now()) RETURNING id",
-            key,
-            profile.customer_id,
-            content.channel,
-            rendered["subject"],
-            rendered["body"],
-            rendered["html"],
-            body.to,
-            template_id,
-            content.version,
+    channel = channels.get(content.channel)
+    if channel is None:
+        raise ApiError(
+            409,
+            "channel_unavailable",
+            f"channel: {content.channel!r} is not configured on this deployment",
         )
-        message = RenderedMessage(
-            idempotency_key=key,
-            customer_id=profile.customer_id,
-            channel=content.channel,
-            subject=rendered["subject"],
-            body=rendered["body"] or "",  # never None: body is required
-            to=body.to,
-            html=rendered["html"],
-            message_id=message_id,
+    message_id = await pool.fetchval(
+        "INSERT INTO messages (idempotency_key, customer_id, channel, subject, body, html, "
+        "status, category, address, template_id, template_version, test, attempts, "
+        "claimed_at) VALUES ($1, $2, $3, $4, $5, $6, 'sending', 'transactional', $7, $8, "
+        "$9, true, 1, now()) RETURNING id",
+        key,
+        profile.customer_id,
+        content.channel,
+        rendered["subject"],
+        rendered["body"],
+        rendered["html"],
+        body.to,
+        template_id,
+        content.version,
+    )
+    message = RenderedMessage(
+        idempotency_key=key,
+        customer_id=profile.customer_id,
+        channel=content.channel,
+        subject=rendered["subject"],
+        body=rendered["body"] or "",  # never None: body is required
+        to=body.to,
+        html=rendered["html"],
+        message_id=message_id,
+    )
+    try:
+        delivery = await channel.deliver(message)
+    except Exception as err:
+        # No retry here: the caller sees the provider's answer and may try again.
+        status = "bounced" if isinstance(err, PermanentDeliveryError) else "failed"
+        await pool.execute(
+            "UPDATE messages SET status = $2, error = $3 WHERE id = $1",
+            message_id,
+            status,
+            str(err)[:1000],
         )
-        try:
-            delivery = await channel.deliver(message)
-        except Exception as err:
-            # No retry here: the caller sees the provider's answer and may try again.
-            status = "bounced" if isinstance(err, PermanentDeliveryError) else "failed"
-            await pool.execute(
-                "UPDATE messages SET status = $2, error = $3 WHERE id = $1",
-                message_id,
-                status,
-                str(err)[:1000],
-            )
-            bound.warning("template.test_send_failed", channel=content.channel, error=str(err))
-            raise ApiError(
-                502, "delivery_failed", f"to: {content.channel} delivery failed: {err}"
-            ) from None
+        bound.warning("template.test_send_failed", channel=content.channel, error=str(err))
+        raise ApiError(
+            502, "delivery_failed", f"to: {content.channel} delivery failed: {err}"
+        ) from None
     await pool.execute(
         "UPDATE messages SET status = $2, provider_id = $3, sent_at = now() WHERE id = $1",
         message_id,

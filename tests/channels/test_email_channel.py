@@ -135,3 +135,67 @@ async def test_server_down_raises_a_retryable_error() -> None:
 
     assert isinstance(info.value, aiosmtplib.SMTPConnectError)
     assert not isinstance(info.value, PermanentDeliveryError)
+
+
+async def test_connections_are_reused_until_idle_or_broken(smtp):
+    recorder, port = smtp
+    mail = channel(port)
+    for i in range(3):
+        await mail.deliver(rendered(f"k{i}"))
+    assert len(recorder.envelopes) == 3
+    assert len(set(recorder.peers)) == 1  # one connection for all three
+
+    with pytest.raises(PermanentDeliveryError):
+        await mail.deliver(rendered("k-refused", to=REFUSED))
+    await mail.deliver(rendered("k3"))  # the refused one's connection was not reused
+    assert len(set(recorder.peers)) == 2
+
+    mail.idle_seconds = 0  # everything idle is too old now
+    await mail.deliver(rendered("k4"))
+    assert len(set(recorder.peers)) == 3
+    await mail.aclose()
+    assert mail._idle == []
+
+
+async def test_a_connection_the_server_dropped_is_replaced_once(smtp):
+    recorder, port = smtp
+    mail = channel(port)
+    await mail.deliver(rendered("a"))
+    (idle, _) = mail._idle[0]
+    idle.close()  # as if the server hung up while it sat idle
+    mail._idle[0] = (_Dropped(idle), mail._idle[0][1])
+    await mail.deliver(rendered("b"))
+    assert [e.rcpt_tos for e in recorder.envelopes] == [["ann@example.com"]] * 2
+    assert len(set(recorder.peers)) == 2
+
+
+class _Dropped:
+    """A pooled client whose server went away: says connected, fails on use."""
+
+    def __init__(self, smtp: aiosmtplib.SMTP) -> None:
+        self.smtp = smtp
+        self.is_connected = True
+
+    async def sendmail(self, *args: Any) -> None:
+        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+
+    def close(self) -> None:
+        self.smtp.close()
+
+
+async def test_a_server_restart_between_messages_costs_nothing():
+    from aiosmtpd.controller import Controller
+
+    recorder, port = Recorder(), free_port()
+    server = Controller(recorder, hostname="127.0.0.1", port=port)
+    server.start()
+    mail = channel(port)
+    try:
+        await mail.deliver(rendered("before"))
+        server.stop()  # drops the idle connection the channel keeps
+        server = Controller(recorder, hostname="127.0.0.1", port=port)
+        server.start()
+        await mail.deliver(rendered("after"))
+    finally:
+        server.stop()
+    assert len(recorder.envelopes) == 2 and len(set(recorder.peers)) == 2
