@@ -69,6 +69,10 @@ class Settings(BaseSettings):
     # provider delivery/bounce callbacks sent to us in the same scheme.
     webhook_signing_secret: str = "dev-webhook-secret"
     webhook_tolerance_seconds: int = 300
+    # Verifies delivery/bounce callbacks from providers (POST /v1/providers/{channel}/events),
+    # signed the same way; unset = that endpoint is off. Not the outgoing secret: receivers
+    # of our webhooks must not be able to replay them to us.
+    provider_callback_secret: str | None = None
     # Per-provider send rate (messages/s across all workers), e.g. "email=50,sms=10"; over
     # it, the send activity is retried later instead of calling the provider.
     channel_rate_limits: str = ""
