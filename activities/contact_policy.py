@@ -2,7 +2,7 @@
 and topic, an address on the channel, the suppression list, and frequency caps across all
 journeys. A per-customer advisory lock serialises decisions, so two journeys racing for the
 last slot of a cap cannot both win; caps count messages in the database, never in memory.
-Transactional messages skip consent and caps (not suppression)."""
+Transactional messages skip consent and caps (not suppression, not a channel-wide opt-out)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from typing import Any
 import asyncpg
 
 from models.durations import parse_duration
+from store.feedback import normalize_address
 
 # Where each channel's address lives on the profile.
 ADDRESS_TRAIT = {"email": "email", "sms": "phone", "push": "push_token"}
@@ -76,34 +77,27 @@ class ContactPolicy:
             if not isinstance(value, str) or not value.strip():
                 return Decision(False, "no_address")
             address = value.strip().lower() if channel == "email" else value.strip()
-            if await conn.fetchval(
-                "SELECT 1 FROM suppressions WHERE channel = $1 AND address = $2", channel, address
-            ):
-                return Decision(False, "suppressed", address)
+        refusal = await self.refusal(
+            conn,
+            customer_id=customer_id,
+            channel=channel,
+            category=category,
+            topic=topic,
+            address=address,
+        )
+        if refusal is not None:
+            return Decision(False, refusal, address)
         if category == "transactional":
             return Decision(True, None, address)
-        # Topic '*' is the whole channel (an SMS STOP): its opt-out beats any topic's opt-in.
-        rows = await conn.fetch(
-            "SELECT topic, status FROM subscriptions WHERE customer_id = $1 AND channel = $2 "
-            "AND topic IN ($3, '*')",
-            customer_id,
-            channel,
-            topic,
-        )
-        said = {r["topic"]: r["status"] for r in rows}
-        if said.get("*") == "unsubscribed":
-            status = "unsubscribed"
-        else:
-            status = said.get(topic) or said.get("*") or self.consent_default
-        if status != "subscribed":
-            return Decision(False, "no_consent", address)
         caps = list(self.caps)
         if journey_cap:
             caps.append(Cap.parse(journey_cap, journey_id=journey_id))
         for cap in caps:
             used = await conn.fetchval(
+                # Sent counts even if it bounced later (a complaint must not free a slot).
                 "SELECT count(*) FROM messages WHERE customer_id = $1 AND category = 'marketing' "
-                "AND NOT test AND status IN ('pending', 'sending', 'sent') "
+                "AND NOT test AND (status IN ('pending', 'sending', 'sent') "
+                "OR sent_at IS NOT NULL) "
                 "AND created_at > now() - $2::interval "
                 "AND ($3::text IS NULL OR channel = $3) AND ($4::text IS NULL OR journey_id = $4)",
                 customer_id,
@@ -114,3 +108,38 @@ class ContactPolicy:
             if used >= cap.limit:
                 return Decision(False, "capped", address)
         return Decision(True, None, address)
+
+    async def refusal(
+        self,
+        conn: asyncpg.Connection,
+        *,
+        customer_id: str,
+        channel: str,
+        category: str,
+        topic: str,
+        address: str | None,
+    ) -> str | None:
+        """Suppression and consent (not caps): checked when a send is reserved, and again
+        right before it goes out, since a retried send may wait for hours."""
+        if address is not None and await conn.fetchval(
+            "SELECT 1 FROM suppressions WHERE channel = $1 AND address = $2",
+            channel,
+            normalize_address(channel, address),
+        ):
+            return "suppressed"
+        rows = await conn.fetch(
+            "SELECT topic, status FROM subscriptions WHERE customer_id = $1 AND channel = $2 "
+            "AND topic IN ($3, '*')",
+            customer_id,
+            channel,
+            topic,
+        )
+        said = {r["topic"]: r["status"] for r in rows}
+        # Topic '*' is the whole channel (an SMS STOP): it blocks every topic, and
+        # transactional messages too (the carrier would refuse them anyway).
+        if said.get("*") == "unsubscribed":
+            return "no_consent"
+        if category == "transactional":
+            return None
+        status = said.get(topic) or said.get("*") or self.consent_default
+        return None if status == "subscribed" else "no_consent"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -20,11 +22,12 @@ from activities.channels import (
     ProviderBusy,
     RenderedMessage,
     StoredChannel,
+    definitely_not_sent,
 )
 from activities.contact_policy import ContactPolicy, Decision
 from activities.links import unsubscribe_url
 from activities.rate_limits import RateLimits
-from activities.rendering import TemplateError, render
+from activities.rendering import TemplateError, render, render_html
 from activities.scoring import MODELS
 from activities.tracking import instrument
 from models.journey import Template
@@ -53,6 +56,16 @@ _MESSAGE_COLUMNS = "id, status, skip_reason, address, channel, customer_id, subj
 _SELECT_MESSAGE = f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE idempotency_key = $1"
 
 log = structlog.stdlib.get_logger("activities")
+
+
+def _deadline(started: float | None, margin: float = 3.0) -> float | None:
+    """Seconds left for the provider call before this activity attempt times out."""
+    if started is None or not activity.in_activity():
+        return None
+    timeout = activity.info().start_to_close_timeout
+    if timeout is None:
+        return None
+    return max(timeout.total_seconds() - (time.monotonic() - started) - margin, 1.0)
 
 
 @dataclass(frozen=True)
@@ -132,6 +145,7 @@ class JourneyActivities:
         row already final is answered from the row; a row left `sending` by an attempt that
         died mid-call is delivered again with the same key, which HTTP providers deduplicate
         (SMTP: see activities.channels.email for the one window no SMTP client can close)."""
+        started = time.monotonic()
         bound = log.bind(
             customer_id=req.customer_id,
             journey_id=req.journey_id,
@@ -153,7 +167,7 @@ class JourneyActivities:
                 try:
                     subject = render(content.subject, ctx) if content.subject else None
                     body = render(content.body, ctx)
-                    html = render(content.html, ctx) if content.html else None
+                    html = render_html(content.html, ctx) if content.html else None
                 except TemplateError as err:
                     raise ApplicationError(
                         f"step {req.step_id!r}: template error: {err}", type="TemplateError"
@@ -195,13 +209,19 @@ class JourneyActivities:
         if row["status"] not in ("pending", "sending"):
             bound.info("send.duplicate", status=row["status"])
             return result.model_copy(update={"duplicate": True})
-        return await self._deliver(req, row, bound)
+        return await self._deliver(req, row, bound, started)
 
-    async def _deliver(self, req: SendRequest, row: asyncpg.Record, bound: Any) -> SendResult:
+    async def _deliver(
+        self, req: SendRequest, row: asyncpg.Record, bound: Any, started: float | None = None
+    ) -> SendResult:
         """Deliver what the reservation stored (a retry sends exactly that, rendered once)."""
         name: str = row["channel"]
         subject, body, html = row["subject"], row["body"], row["html"]
-        channel = self.channels[name]
+        channel = self.channels.get(name)
+        if channel is None:  # reserved by a worker configured differently
+            raise ApplicationError(
+                f"channel {name!r} is not configured on this worker", type="InvalidRequest"
+            )
         wait = await self.rates.wait_for(self.pool, name)
         if wait is not None:
             raise ApplicationError(
@@ -217,77 +237,138 @@ class JourneyActivities:
                 unsubscribe = unsubscribe_url(base, secret, row["customer_id"], name, req.topic)
             tracked = instrument(body, html, base_url=base, secret=secret, message_id=row["id"])
             body, html, links = tracked.text, tracked.html, tracked.links
-        # The claim: from here on a provider may have the message. A second claim of the same
-        # row means an earlier attempt died or timed out after this point.
-        attempts = await self.pool.fetchval(
-            "UPDATE messages SET status = 'sending', attempts = attempts + 1, "
-            "claimed_at = now(), links = $2 WHERE id = $1 AND status IN ('pending', 'sending') "
-            "RETURNING attempts",
+        claimed = await self._claim(req, row, links)
+        if isinstance(claimed, SendResult):
+            return claimed
+        attempt = claimed
+        if attempt > 1:
+            bound.warning("send.reconcile", channel=name, attempt=attempt)
+        try:
+            # Finish before Temporal gives up on this attempt: a live attempt never races
+            # its own retry (a dead worker's attempt cannot).
+            async with asyncio.timeout(_deadline(started)):
+                delivery = await channel.deliver(
+                    RenderedMessage(
+                        req.idempotency_key,
+                        row["customer_id"],
+                        name,
+                        subject,
+                        body,
+                        to=row["address"],
+                        html=html,
+                        unsubscribe_url=unsubscribe,
+                        message_id=row["id"],
+                        journey_id=req.journey_id,
+                        step_id=req.step_id,
+                    )
+                )
+        except PermanentDeliveryError as err:
+            return await self._refused(row, name, err, bound)
+        except Exception as err:
+            not_sent = definitely_not_sent(err)
+            await self.pool.execute(
+                "UPDATE messages SET error = $3, status = CASE WHEN $4 THEN 'pending' "
+                "ELSE status END WHERE id = $1 AND attempts = $2 AND status = 'sending'",
+                row["id"],
+                attempt,
+                f"{type(err).__name__}: {err}"[:1000],
+                not_sent,
+            )
+            if isinstance(err, ProviderBusy):
+                raise ApplicationError(
+                    str(err),
+                    type="ProviderBusy",
+                    next_retry_delay=timedelta(seconds=err.retry_after),
+                ) from err
+            if isinstance(err, TimeoutError):
+                raise ApplicationError(
+                    f"{name} provider did not answer in time", type="ProviderTimeout"
+                ) from err
+            raise
+        recorded = await self.pool.fetchval(
+            "UPDATE messages SET status = $3, provider_id = $4, sent_at = now(), error = NULL "
+            "WHERE id = $1 AND attempts = $2 AND status = 'sending' RETURNING id",
             row["id"],
-            links,
+            attempt,
+            delivery.status,
+            delivery.provider_id,
         )
-        if attempts is None:  # another attempt finished it meanwhile
+        if recorded is None:  # a later attempt or a provider callback got there first
             done = await self.pool.fetchrow(_SELECT_MESSAGE, req.idempotency_key)
             return SendResult(
                 message_id=done["id"], status=done["status"], duplicate=True, channel=name
             )
-        if attempts > 1:
-            bound.warning("send.reconcile", channel=name, attempt=attempts)
-        try:
-            delivery = await channel.deliver(
-                RenderedMessage(
-                    req.idempotency_key,
-                    row["customer_id"],
-                    name,
-                    subject,
-                    body,
-                    to=row["address"],
-                    html=html,
-                    unsubscribe_url=unsubscribe,
-                    message_id=row["id"],
-                    journey_id=req.journey_id,
-                    step_id=req.step_id,
-                )
-            )
-        except PermanentDeliveryError as err:
-            # A hard bounce: recorded on the message, the address suppressed, and a
-            # `Message Bounced` event, as when a provider reports it later.
-            async with self.pool.acquire() as conn, conn.transaction():
-                sent = await feedback.get_message(conn, row["id"])
-                assert sent is not None
-                await feedback.record_bounce(conn, sent, "hard", str(err))
-            bound.warning("send.bounced", channel=name, code=err.code, error=err.message)
-            return SendResult(
-                message_id=row["id"],
-                status="bounced",
-                reason="hard_bounce",
-                duplicate=False,
-                channel=name,
-            )
-        except ProviderBusy as err:
-            await self._note_error(row["id"], str(err))
-            raise ApplicationError(
-                str(err), type="ProviderBusy", next_retry_delay=timedelta(seconds=err.retry_after)
-            ) from err
-        except Exception as err:
-            await self._note_error(row["id"], f"{type(err).__name__}: {err}")
-            raise
-        await self.pool.execute(
-            "UPDATE messages SET status = $2, provider_id = $3, sent_at = now(), error = NULL "
-            "WHERE id = $1",
-            row["id"],
-            delivery.status,
-            delivery.provider_id,
-        )
         bound.info("send.done", channel=name, status=delivery.status, message_id=row["id"])
         return SendResult(
             message_id=row["id"], status=delivery.status, duplicate=False, channel=name
         )
 
-    async def _note_error(self, message_id: int, error: str) -> None:
-        """The last provider error, for operators; the activity retries."""
-        await self.pool.execute(
-            "UPDATE messages SET error = $2 WHERE id = $1", message_id, error[:1000]
+    async def _claim(
+        self, req: SendRequest, row: asyncpg.Record, links: list[str]
+    ) -> int | SendResult:
+        """Under the customer's lock: a send still `pending` is checked again for
+        suppression and consent (a retry may come hours later, after a STOP or a bounce),
+        then claimed (`sending`, attempt + 1). From here on a provider may have the message;
+        a second claim means an earlier attempt died or timed out after this point."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await self.policy.lock(conn, row["customer_id"])
+            current = await conn.fetchrow(
+                "SELECT status, skip_reason FROM messages WHERE id = $1 FOR UPDATE", row["id"]
+            )
+            done = SendResult(
+                message_id=row["id"],
+                status=current["status"],
+                reason=current["skip_reason"],
+                duplicate=True,
+                channel=row["channel"],
+            )
+            if current["status"] not in ("pending", "sending"):
+                return done
+            if current["status"] == "pending":
+                refusal = await self.policy.refusal(
+                    conn,
+                    customer_id=row["customer_id"],
+                    channel=row["channel"],
+                    category=req.category,
+                    topic=req.topic,
+                    address=row["address"],
+                )
+                if refusal is not None:
+                    await conn.execute(
+                        "UPDATE messages SET status = 'skipped', skip_reason = $2 WHERE id = $1",
+                        row["id"],
+                        refusal,
+                    )
+                    return done.model_copy(update={"status": "skipped", "reason": refusal})
+            return await conn.fetchval(
+                "UPDATE messages SET status = 'sending', attempts = attempts + 1, "
+                "claimed_at = now(), links = $2 WHERE id = $1 RETURNING attempts",
+                row["id"],
+                links,
+            )
+
+    async def _refused(
+        self, row: asyncpg.Record, name: str, err: PermanentDeliveryError, bound: Any
+    ) -> SendResult:
+        """A refusal for good. About the address: a hard bounce (recorded, the address
+        suppressed, a `Message Bounced` event, as when a provider reports it later). About
+        the message: only this message fails."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            if err.suppress:
+                sent = await feedback.get_message(conn, row["id"])
+                assert sent is not None
+                await feedback.record_bounce(conn, sent, "hard", str(err))
+            else:
+                await conn.execute(
+                    "UPDATE messages SET status = 'failed', skip_reason = 'rejected', error = $2 "
+                    "WHERE id = $1",
+                    row["id"],
+                    str(err)[:1000],
+                )
+        status, reason = ("bounced", "hard_bounce") if err.suppress else ("failed", "rejected")
+        bound.warning(f"send.{status}", channel=name, code=err.code, error=err.message)
+        return SendResult(
+            message_id=row["id"], status=status, reason=reason, duplicate=False, channel=name
         )
 
     async def _contents(self, req: SendRequest) -> dict[str, _Content]:

@@ -38,12 +38,18 @@ class Delivery:
 
 
 class PermanentDeliveryError(ValueError):
-    """The provider refused the recipient or the message for good: record a bounce."""
+    """The provider refused the message for good: never retried. `suppress`: the refusal is
+    about the address (unknown mailbox, invalid number, unregistered device), so it is a hard
+    bounce and the address is suppressed; otherwise the message itself was refused (too big,
+    rejected content, a 4xx about the request) and only this message fails."""
 
-    def __init__(self, code: int, message: str, recipient: str | None = None) -> None:
+    def __init__(
+        self, code: int, message: str, recipient: str | None = None, *, suppress: bool = True
+    ) -> None:
         self.code = code
         self.message = message
         self.recipient = recipient
+        self.suppress = suppress
         where = f" for {recipient}" if recipient else ""
         super().__init__(f"{code}{where}: {message}")
 
@@ -54,6 +60,29 @@ class ProviderBusy(RuntimeError):
     def __init__(self, channel: str, retry_after: float) -> None:
         self.retry_after = retry_after
         super().__init__(f"{channel} provider is rate limiting; retry in {retry_after:.1f}s")
+
+
+class ProviderUnavailable(RuntimeError):
+    """Retry later: an outage, or a problem on our side (credentials, URL) that an operator
+    fixes. `not_sent`: the provider certainly did not take the message (503, auth refused)."""
+
+    def __init__(self, message: str, *, not_sent: bool) -> None:
+        self.not_sent = not_sent
+        super().__init__(message)
+
+
+def definitely_not_sent(err: BaseException) -> bool:
+    """The attempt failed before the provider could have taken the message: the send is
+    pending again (not in doubt), so the contact policy is checked anew before the retry."""
+    import aiosmtplib
+    import httpx
+
+    if isinstance(err, ProviderBusy | httpx.ConnectError | aiosmtplib.SMTPConnectError):
+        return True
+    if isinstance(err, ProviderUnavailable):
+        return err.not_sent
+    # An SMTP 4xx answer (mailbox busy, greylisting): the server did not accept the message.
+    return isinstance(err, aiosmtplib.SMTPResponseException) and 400 <= err.code < 500
 
 
 class Channel(Protocol):

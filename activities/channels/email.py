@@ -10,8 +10,9 @@ server accepted the message (250 after DATA) but the worker crashed or lost the 
 before the outcome was recorded. The retry sends again, with the same Message-ID; a receiver
 that deduplicates on Message-ID shows it once, one that does not shows it twice.
 
-Errors: a 5xx refusal of the recipient or of the message is permanent and raises
-`PermanentDeliveryError` (the caller records a bounce). Everything else (4xx, connection
+Errors: a 5xx refusal of the recipient is a hard bounce (`PermanentDeliveryError`, the address
+is suppressed); a 5xx refusal of the message (size, content) fails that message only.
+Everything else (4xx, connection
 errors, timeouts, and also 5xx answers about our own setup: authentication, sender, HELO)
 raises the aiosmtplib / OS error unchanged, so the activity retries.
 """
@@ -86,7 +87,8 @@ class EmailChannel:
         # Header values with CR/LF are rejected by the email policy (no header injection).
         msg["From"] = self.sender
         msg["To"] = message.to
-        msg["Subject"] = message.subject or ""
+        # A subject rendered from profile data may hold line breaks: one line, never a header.
+        msg["Subject"] = " ".join((message.subject or "").split())
         msg["Date"] = formatdate(usegmt=True)
         msg["Message-ID"] = message_id_for(message.idempotency_key, self.sender_domain)
         msg[IDEMPOTENCY_HEADER] = message.idempotency_key
@@ -135,7 +137,10 @@ class EmailChannel:
     async def deliver(self, message: RenderedMessage) -> Delivery:
         """Over a reused connection when one is idle (a TLS handshake per message would cap
         throughput); a connection that failed in any way is closed, never reused."""
-        msg = self.build(message)
+        try:
+            msg = self.build(message)
+        except ValueError as err:  # an address or header the email format cannot carry
+            raise PermanentDeliveryError(0, f"invalid message: {err}", suppress=False) from err
         data = msg.as_bytes(policy=_POLICY)  # aiosmtplib would re-fold at 78 columns
         recipient = parseaddr(message.to or "")[1] or (message.to or "")
         sender = parseaddr(self.sender)[1] or self.sender
@@ -159,10 +164,17 @@ class EmailChannel:
                     refusal.code, refusal.message, refusal.recipient
                 ) from err
             raise
-        except (aiosmtplib.SMTPRecipientRefused, aiosmtplib.SMTPDataError) as err:
+        except aiosmtplib.SMTPRecipientRefused as err:
             smtp.close()
             if err.code >= 500:
                 raise PermanentDeliveryError(err.code, err.message, recipient) from err
+            raise
+        except aiosmtplib.SMTPDataError as err:
+            smtp.close()
+            if err.code >= 500:  # the message was refused (size, content), not the mailbox
+                raise PermanentDeliveryError(
+                    err.code, err.message, recipient, suppress=False
+                ) from err
             raise
         except BaseException:
             smtp.close()

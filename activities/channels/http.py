@@ -1,47 +1,93 @@
 """SMS, push and webhook channels over HTTP provider APIs.
 
-Every request carries `Idempotency-Key: <the send's key>`: the provider answers a repeated key
-with the first answer instead of sending again (Stripe-style APIs do; Twilio's equivalent is
-`I-Twilio-Idempotency-Token`, sent too). That is what makes a retried send — after a timeout,
-a 5xx, or a worker killed mid-call — deliver exactly once.
+Every request carries `Idempotency-Key: <the send's key>` (and Twilio's header name for it).
+Providers that deduplicate on it — Stripe-style APIs, the local sandbox — answer a repeated key
+with the first answer instead of sending again, and then a retried send (after a timeout or a
+worker killed mid-call) delivers exactly once. A provider that ignores the key leaves the same
+in-doubt window as SMTP (see activities.channels.email): a retry after the provider took the
+message but before we recorded it sends again.
 
-Answers: 2xx delivered; 429 `ProviderBusy` (Retry-After honoured); 5xx, timeouts and
-connection errors raise for a retry; other 4xx are permanent (`PermanentDeliveryError`: bad
-number, unregistered device token), recorded as a bounce.
+Answers:
+- 2xx: delivered.
+- 429: `ProviderBusy`, retried after Retry-After.
+- 5xx, 401/403 (credentials), 404 (a wrong URL, unless the provider says the recipient is
+  unknown), 408, 409 (key in use by an attempt still running), 425, 3xx, timeouts and
+  connection errors: `ProviderUnavailable` or the httpx error, retried with backoff.
+- A refusal about the recipient (Twilio 21211/21614/21612, FCM UNREGISTERED / invalid token):
+  `PermanentDeliveryError`, a hard bounce that suppresses the address.
+- Other 4xx (a request the provider will never accept): `PermanentDeliveryError` without
+  suppression; only this message fails.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 
-from activities.channels import Delivery, PermanentDeliveryError, ProviderBusy, RenderedMessage
+from activities.channels import (
+    Delivery,
+    PermanentDeliveryError,
+    ProviderBusy,
+    ProviderUnavailable,
+    RenderedMessage,
+)
 from activities.signing import SIGNATURE_HEADER, signature_header
 
+RETRYABLE_4XX = {401, 403, 404, 408, 409, 425}
+# Twilio error codes about the number itself: invalid, not a mobile, unreachable region.
+TWILIO_BAD_NUMBER = {21211, 21612, 21614}
+RecipientError = Callable[[int, dict[str, Any]], bool]
 
-def _check(channel: str, resp: httpx.Response, recipient: str | None) -> dict[str, Any]:
-    if resp.status_code == 429:
+
+def _never(status: int, detail: dict[str, Any]) -> bool:
+    return False
+
+
+def _twilio_bad_number(status: int, detail: dict[str, Any]) -> bool:
+    return status == 400 and detail.get("code") in TWILIO_BAD_NUMBER
+
+
+def _fcm_bad_token(status: int, detail: dict[str, Any]) -> bool:
+    text = json.dumps(detail)
+    return (status == 404 and "UNREGISTERED" in text) or (
+        status == 400 and "INVALID_ARGUMENT" in text and "token" in text.lower()
+    )
+
+
+def _check(
+    channel: str, resp: httpx.Response, recipient: str | None, bad_recipient: RecipientError
+) -> dict[str, Any]:
+    status = resp.status_code
+    if 200 <= status < 300:
+        try:
+            data = resp.json()
+        except ValueError:
+            data = {}
+        return data if isinstance(data, dict) else {}
+    try:
+        detail = resp.json()
+    except ValueError:
+        detail = {"message": resp.text[:200]}
+    if not isinstance(detail, dict):
+        detail = {"message": str(detail)[:200]}
+    text = str(detail.get("message") or detail.get("error") or detail)[:500]
+    if status == 429:
         try:
             after = float(resp.headers.get("Retry-After", "1"))
         except ValueError:
             after = 1.0
         raise ProviderBusy(channel, max(after, 0.1))
-    if resp.status_code >= 500:
-        resp.raise_for_status()  # retried
-    if resp.status_code >= 400:
-        try:
-            detail = resp.json()
-        except ValueError:
-            detail = {"message": resp.text[:200]}
-        message = str(detail.get("message") or detail.get("error") or detail)[:500]
-        raise PermanentDeliveryError(resp.status_code, message, recipient)
-    try:
-        data = resp.json()
-    except ValueError:
-        data = {}
-    return data if isinstance(data, dict) else {}
+    if bad_recipient(status, detail):
+        raise PermanentDeliveryError(status, text, recipient, suppress=True)
+    if status >= 500 or status < 400 or status in RETRYABLE_4XX:
+        raise ProviderUnavailable(
+            f"{channel} provider answered {status}: {text}",
+            not_sent=status in (401, 403, 503),
+        )
+    raise PermanentDeliveryError(status, text, recipient, suppress=False)
 
 
 def _headers(message: RenderedMessage) -> dict[str, str]:
@@ -75,9 +121,11 @@ class SmsChannel:
     async def deliver(self, message: RenderedMessage) -> Delivery:
         form = {"To": message.to or "", "From": self.sender, "Body": message.body}
         if self.status_callback:
-            form["StatusCallback"] = self.status_callback
+            # Our id in the callback URL: a status that arrives before we recorded Twilio's
+            # sid still finds its message.
+            form["StatusCallback"] = f"{self.status_callback}?m={message.message_id}"
         resp = await self.http.post(self.url, data=form, auth=self.auth, headers=_headers(message))
-        data = _check(self.name, resp, message.to)
+        data = _check(self.name, resp, message.to, _twilio_bad_number)
         return Delivery(status="sent", provider_id=data.get("sid"))
 
 
@@ -109,7 +157,7 @@ class PushChannel:
             json=payload,
             headers={**_headers(message), "Authorization": f"Bearer {self.token}"},
         )
-        data = _check(self.name, resp, message.to)
+        data = _check(self.name, resp, message.to, _fcm_bad_token)
         return Delivery(status="sent", provider_id=data.get("name"))
 
 
@@ -142,5 +190,5 @@ class WebhookChannel:
             SIGNATURE_HEADER: signature_header(self.secret, body),
         }
         resp = await self.http.post(self.url, content=body, headers=headers)
-        _check(self.name, resp, self.url)
+        _check(self.name, resp, self.url, _never)
         return Delivery(status="sent", provider_id=message.idempotency_key)

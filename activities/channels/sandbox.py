@@ -104,6 +104,8 @@ def _handler(p: Provider) -> type[BaseHTTPRequestHandler]:
                     return 404, {"error": "UNREGISTERED", "message": "token not registered"}, None
                 name = f"{path.removesuffix(':send')}/{n}"
                 return 200, {"name": name}, {"kind": "push", "name": name, **msg}
+            if path.startswith("/hooks/reject"):  # a receiver that will never take it
+                return 422, {"error": "unprocessable message"}, None
             if path.startswith("/hooks"):
                 try:
                     verify_signature(WEBHOOK_SECRET, self.headers.get(SIGNATURE_HEADER), raw)

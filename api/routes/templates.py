@@ -88,7 +88,7 @@ def _render(content: TemplateContent, ctx: dict[str, Any]) -> dict[str, str | No
     for field in ("subject", "body", "html"):
         source = getattr(content, field)
         try:
-            out[field] = render(source, ctx) if source is not None else None
+            out[field] = render(source, ctx, html=field == "html") if source is not None else None
         except TemplateError as err:
             raise ApiError(
                 422,

@@ -88,13 +88,21 @@ async def test_message_id_follows_the_idempotency_key(smtp: tuple[Recorder, int]
     assert ids[2] == other.provider_id != ids[0]
 
 
-async def test_missing_to_is_rejected_before_sending(smtp: tuple[Recorder, int]) -> None:
+async def test_a_message_email_cannot_carry_fails_for_good(smtp: tuple[Recorder, int]) -> None:
+    """Never retried forever, and nobody's address is suppressed for it."""
     recorder, port = smtp
-    for to in (None, ""):
-        with pytest.raises(ValueError, match="`to`") as info:
+    for to in (None, "", "a@example.com\r\nBcc: all@example.com"):
+        with pytest.raises(PermanentDeliveryError, match="invalid message") as info:
             await channel(port).deliver(rendered(to=to))
-        assert not isinstance(info.value, PermanentDeliveryError)
+        assert not info.value.suppress
     assert recorder.envelopes == []
+
+
+async def test_line_breaks_in_a_subject_become_spaces(smtp: tuple[Recorder, int]) -> None:
+    recorder, port = smtp
+    await channel(port).deliver(rendered(subject="Hi\r\nBcc: all@example.com"))
+    (mail,) = recorder.messages()
+    assert mail["Subject"] == "Hi Bcc: all@example.com" and mail["Bcc"] is None
 
 
 async def test_550_is_a_permanent_delivery_error(smtp: tuple[Recorder, int]) -> None:

@@ -9,7 +9,12 @@ import time
 import httpx
 import pytest
 
-from activities.channels import PermanentDeliveryError, ProviderBusy, RenderedMessage
+from activities.channels import (
+    PermanentDeliveryError,
+    ProviderBusy,
+    ProviderUnavailable,
+    RenderedMessage,
+)
 from activities.channels.http import PushChannel, SmsChannel, WebhookChannel
 from activities.signing import BadSignature, signature_header, verify_signature
 from tests.providers import INVALID_NUMBER, PUSH_TOKEN, SID, TOKEN, UNREGISTERED, WEBHOOK_SECRET
@@ -51,9 +56,15 @@ async def test_sms_errors_are_permanent_retryable_or_busy(http, provider):
     with pytest.raises(PermanentDeliveryError) as info:
         await sms.deliver(_msg(INVALID_NUMBER, key="bad"))
     assert info.value.code == 400 and "Invalid 'To'" in info.value.message
+    assert info.value.suppress  # about the number: a hard bounce
     provider.fail_next = 1
-    with pytest.raises(httpx.HTTPStatusError):  # 5xx: the activity retries
+    with pytest.raises(ProviderUnavailable) as down:  # 503: the activity retries
         await sms.deliver(_msg("+15550003333"))
+    assert down.value.not_sent
+    wrong = SmsChannel(http, base_url=f"{provider.url}/2010-04-01", account_sid=SID,
+                       auth_token="rotated", sender="+15550001111")  # fmt: skip
+    with pytest.raises(ProviderUnavailable, match="401"):  # our credentials: retried, no bounce
+        await wrong.deliver(_msg("+15550003333", key="k-auth"))
     provider.busy_next = 1
     with pytest.raises(ProviderBusy) as busy:
         await sms.deliver(_msg("+15550003333"))
@@ -71,7 +82,7 @@ async def test_push_sends_an_fcm_style_message(http, provider):
     assert d.provider_id == sent["name"] and sent["name"].startswith("/v1/projects/shop/")
     with pytest.raises(PermanentDeliveryError) as info:
         await push.deliver(_msg(UNREGISTERED, key="k2", channel="push"))
-    assert info.value.code == 404
+    assert info.value.code == 404 and info.value.suppress
 
 
 async def test_webhook_is_signed_and_the_signature_is_checked(http, provider):
@@ -80,9 +91,15 @@ async def test_webhook_is_signed_and_the_signature_is_checked(http, provider):
     (sent,) = provider.by_kind("webhook")  # the provider verified the signature
     assert sent["body"]["body"] == "hello" and sent["body"]["id"] == "enr-1:1"
     wrong = WebhookChannel(http, url=f"{provider.url}/hooks/in", secret="not-the-secret")
-    with pytest.raises(PermanentDeliveryError) as info:
+    with pytest.raises(ProviderUnavailable, match="401"):  # a rotated secret: retried
         await wrong.deliver(_msg("ignored", key="k3", channel="webhook"))
-    assert info.value.code == 401
+    rejecting = WebhookChannel(http, url=f"{provider.url}/hooks/reject", secret=WEBHOOK_SECRET)
+    with pytest.raises(PermanentDeliveryError) as info:  # a 422: this message fails
+        await rejecting.deliver(_msg("ignored", key="k4", channel="webhook"))
+    assert info.value.code == 422 and not info.value.suppress
+    gone = WebhookChannel(http, url=f"{provider.url}/nowhere", secret=WEBHOOK_SECRET)
+    with pytest.raises(ProviderUnavailable, match="404"):  # a wrong URL: retried
+        await gone.deliver(_msg("ignored", key="k5", channel="webhook"))
 
 
 def test_signature_rejects_altered_bodies_and_replays():

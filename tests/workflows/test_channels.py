@@ -10,6 +10,7 @@ import pytest
 from activities.channels import build_channels
 from activities.rate_limits import RateLimits
 from core.settings import Settings
+from tests.conftest import eventually
 from tests.harness import ADMIN, admin_api, engine, identify, track
 from tests.providers import INVALID_NUMBER, UNREGISTERED, Provider, provider_settings
 
@@ -282,3 +283,46 @@ async def test_a_variant_gives_a_channel_its_own_content(db, ts_env, provider):
     bad["steps"][0]["variants"] = {"sms": {"body": "{{ user.name }}"}}
     with pytest.raises(DefinitionError, match=r"variants\.sms\.body: unknown template variable"):
         parse_definition(bad)
+
+
+async def test_a_stop_while_a_send_waits_out_an_outage_skips_it(db, dev_env, provider):
+    provider.fail_next = 1000  # 503s: the provider certainly has nothing
+    async with engine(db, dev_env, channels=_channels(provider)) as eng:
+        await eng.publish(_journey("late", "sms"))
+        await eng.send(identify("late", name="L", phone="+15550009300"))
+        await eng.send(track("late", "Started"))
+        cid = await eng.customer("late")
+
+        async def failing() -> bool:
+            return await db.fetchval(
+                "SELECT status = 'pending' AND error IS NOT NULL FROM messages "
+                "WHERE customer_id = $1",
+                cid,
+            )
+
+        await eventually(failing, what="a send retrying through the outage")
+        await db.execute(  # the customer texts STOP meanwhile
+            "INSERT INTO subscriptions (customer_id, channel, topic, status, source) "
+            "VALUES ($1, 'sms', '*', 'unsubscribed', 'sms_keyword')",
+            cid,
+        )
+        provider.fail_next = 0
+        await (await eng.run("late", "late")).result()
+        (row,) = await eng.messages("late")
+        assert (row["status"], row["skip_reason"]) == ("skipped", "no_consent")
+        assert provider.deliveries == []
+
+
+async def test_profile_data_is_escaped_in_html_parts(db, ts_env):
+    async with engine(db, ts_env) as eng:
+        await eng.publish(_journey("esc", "in_app", body="Hi {{ profile.name }}",
+                                   html="<p>Hi {{ profile.name }}</p>"))  # fmt: skip
+        evil = '<a href="https://evil.example/login">Reset</a>'
+        await eng.send(identify("esc", name=evil))
+        await eng.send(track("esc", "Started"))
+        await eng.result(await eng.run("esc", "esc"))
+        (row,) = await eng.messages("esc")
+        assert row["body"] == f"Hi {evil}"  # text stays text
+        assert row["html"] == (
+            "<p>Hi &lt;a href=&#34;https://evil.example/login&#34;&gt;Reset&lt;/a&gt;</p>"
+        )

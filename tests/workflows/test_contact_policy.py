@@ -105,3 +105,30 @@ async def test_per_journey_cap_and_cap_settings(db, ts_env):
         Cap(2, timedelta(days=1), channel="email"),
         Cap(1, timedelta(hours=12), channel="sms"),
     ]
+
+
+async def test_policy_counts_bounced_sends_and_a_channel_stop_blocks_transactional(db):
+    await db.execute("INSERT INTO customers (id, traits) VALUES ('pc', '{}')")
+    await db.execute(
+        "INSERT INTO messages (idempotency_key, customer_id, channel, body, status, sent_at) "
+        "VALUES ('k1', 'pc', 'sms', 'x', 'bounced', now())"  # sent, then a complaint
+    )
+    policy = ContactPolicy([Cap(1, timedelta(days=7))])
+    traits = {"phone": "+15550001111"}
+
+    async def decide(category: str) -> str | None:
+        async with db.acquire() as conn, conn.transaction():
+            await policy.lock(conn, "pc")
+            d = await policy.decide(
+                conn, customer_id="pc", traits=traits, channel="sms", category=category,
+                topic="marketing", journey_id="j",
+            )  # fmt: skip
+            return d.reason
+
+    assert await decide("marketing") == "capped"  # the bounced message still counts
+    assert await decide("transactional") is None
+    await db.execute(
+        "INSERT INTO subscriptions (customer_id, channel, topic, status, source) "
+        "VALUES ('pc', 'sms', '*', 'unsubscribed', 'sms_keyword')"
+    )
+    assert await decide("transactional") == "no_consent"  # STOP: nothing more by SMS
