@@ -21,7 +21,7 @@ class BadSignature(ValueError):
     """Missing, malformed, wrong or too old."""
 
 
-def _same(expected: str, given: str) -> bool:
+def same(expected: str, given: str) -> bool:
     """Constant-time equality of an ASCII signature and a header value. `compare_digest`
     raises TypeError on non-ASCII str, and a header may carry any byte: such a value is
     simply not our signature."""
@@ -50,7 +50,7 @@ def verify_signature(
     if abs((time.time() if now is None else now) - t) > tolerance:
         raise BadSignature(f"timestamp outside the {tolerance} s tolerance")
     want = hmac.new(secret.encode(), f"{t}.".encode() + body, hashlib.sha256).hexdigest()
-    if not any(_same(want, v) for v in parts.get("v1", [])):
+    if not any(same(want, v) for v in parts.get("v1", [])):
         raise BadSignature("signature does not match")
 
 
@@ -64,5 +64,5 @@ def twilio_signature(auth_token: str, url: str, params: dict[str, str]) -> str:
 
 
 def verify_twilio(auth_token: str, header: str | None, url: str, params: dict[str, str]) -> None:
-    if not header or not _same(twilio_signature(auth_token, url, params), header):
+    if not header or not same(twilio_signature(auth_token, url, params), header):
         raise BadSignature("X-Twilio-Signature does not match")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import hmac
 from typing import Annotated
 
 import asyncpg
@@ -11,6 +10,7 @@ from fastapi import Depends, Request
 from temporalio.client import Client
 
 from activities.channels import Channel
+from activities.signing import same
 from api.errors import ApiError
 from core.settings import Settings
 
@@ -53,7 +53,7 @@ def check_write_key(settings: Settings, header_key: str | None, body_key: object
     key = header_key or (body_key if isinstance(body_key, str) else None)
     if not key:
         raise ApiError(401, "unauthorized", "write key required: HTTP Basic `KEY:` or `writeKey`")
-    if not any(hmac.compare_digest(key, k) for k in settings.write_keys):
+    if not any(same(k, key) for k in settings.write_keys):
         raise ApiError(401, "unauthorized", "invalid write key")
 
 
@@ -61,8 +61,25 @@ def require_admin(request: Request, settings: SettingsDep) -> None:
     header = request.headers.get("authorization", "")
     scheme, _, value = header.partition(" ")
     key = value.strip() if scheme.lower() == "bearer" else basic_user(request)
-    if not key or not hmac.compare_digest(key, settings.journeys_admin_key):
+    if not key or not same(settings.journeys_admin_key, key):
         raise ApiError(401, "unauthorized", "admin key required: `Authorization: Bearer <key>`")
 
 
 AdminDep = Depends(require_admin)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused past `limit` bytes: before reading when Content-Length says
+    so, and as soon as the stream passes it otherwise (chunked, or a Content-Length that lied)."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not (declared.isascii() and declared.isdigit()):
+            raise ApiError(400, "invalid_request", "Content-Length: not a number")
+        if int(declared) > limit:
+            raise ApiError(400, "too_large", f"body: exceeds {limit // 1024} KB")
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > limit:
+            raise ApiError(400, "too_large", f"body: exceeds {limit // 1024} KB")
+    return bytes(raw)

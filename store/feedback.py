@@ -11,6 +11,7 @@ and `Unsubscribed`.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -89,9 +90,40 @@ async def find_by_provider_id(conn: Conn, channel: str, provider_id: str) -> Sen
     )
 
 
+async def adopt_provider_id(
+    conn: asyncpg.Connection, message_id: int, channel: str, provider_id: str
+) -> SentMessage | None:
+    """The message a callback URL of ours names (`?m=<id>`), on that channel. A callback can
+    arrive before the send has written the provider's id: then it is recorded here."""
+    return _message(
+        await conn.fetchrow(
+            "UPDATE messages SET provider_id = coalesce(provider_id, $3) "
+            f"WHERE id = $1 AND channel = $2 RETURNING {_COLUMNS}",
+            message_id,
+            channel,
+            provider_id,
+        )
+    )
+
+
+# A phone number as digits (and its leading '+'): `+1 (555) 765-4321` and `+1.555.765.4321`
+# are one number. The same expression, in SQL, is the `ix_customers_phone` index.
+PHONE_SQL = "regexp_replace(traits->>'phone', '[^0-9+]', '', 'g')"
+_NOT_PHONE = re.compile(r"[^0-9+]")
+
+
+def normalize_phone(phone: str) -> str:
+    """A phone number the way PHONE_SQL writes it ('' if it has no digits)."""
+    return _NOT_PHONE.sub("", phone)
+
+
 def normalize_address(channel: str, address: str) -> str:
-    """The form addresses take in `suppressions` (email case-insensitive)."""
-    return address.strip().lower() if channel == "email" else address.strip()
+    """The form addresses take in `suppressions`: email case-insensitive, phones as digits."""
+    if channel == "email":
+        return address.strip().lower()
+    if channel == "sms":
+        return normalize_phone(address)
+    return address.strip()
 
 
 async def emit_event(
@@ -191,13 +223,7 @@ async def record_bounce(
         reason,
     )
     if kind != "soft" and msg.address:
-        await conn.execute(
-            "INSERT INTO suppressions (channel, address, reason) VALUES ($1, $2, $3) "
-            "ON CONFLICT DO NOTHING",
-            msg.channel,
-            normalize_address(msg.channel, msg.address),
-            _SKIP_REASON[kind],
-        )
+        await suppress(conn, msg.channel, msg.address, _SKIP_REASON[kind])
     fact = "complained" if kind == "complaint" else "bounced"
     return await _emit(conn, msg, MESSAGE_BOUNCED, fact, bounce_type=kind, reason=reason)
 
@@ -238,25 +264,56 @@ async def set_subscription(
     return changed
 
 
-async def resubscribe_channel(
+async def undo_channel_opt_out(
     conn: asyncpg.Connection, customer_id: str, channel: str, source: str
-) -> None:
-    """Opt back in to a whole channel: the `*` row and every topic row become subscribed."""
-    await set_subscription(conn, customer_id, channel, "*", "subscribed", source)
-    await conn.execute(
-        "UPDATE subscriptions SET status = 'subscribed', source = $3, updated_at = now() "
-        "WHERE customer_id = $1 AND channel = $2 AND status <> 'subscribed'",
+) -> bool:
+    """Undo an opt-out of a whole channel made by `source` (an SMS STOP): its `*` row goes, so
+    the channel follows CONSENT_DEFAULT and the topic choices again, which stay as they were.
+    A `*` row made another way (an admin, a link) stays too. Returns whether a row went."""
+    status = await conn.execute(
+        "DELETE FROM subscriptions WHERE customer_id = $1 AND channel = $2 AND topic = '*' "
+        "AND status = 'unsubscribed' AND source = $3",
         customer_id,
         channel,
         source,
     )
+    return status != "DELETE 0"
+
+
+async def suppress(conn: asyncpg.Connection, channel: str, address: str, reason: str) -> None:
+    """Never send to this address on this channel again; a suppression already there (and
+    its reason) is kept."""
+    await conn.execute(
+        "INSERT INTO suppressions (channel, address, reason) VALUES ($1, $2, $3) "
+        "ON CONFLICT DO NOTHING",
+        channel,
+        normalize_address(channel, address),
+        reason,
+    )
+
+
+async def unsuppress(conn: asyncpg.Connection, channel: str, address: str, reason: str) -> bool:
+    """Lift a suppression, only if it was made for `reason` (a START lifts a STOP, never a hard
+    bounce or a complaint). Returns whether one was lifted."""
+    status = await conn.execute(
+        "DELETE FROM suppressions WHERE channel = $1 AND address = $2 AND reason = $3",
+        channel,
+        normalize_address(channel, address),
+        reason,
+    )
+    return status != "DELETE 0"
+
+
+# Same expression and predicate as the partial index ix_customers_phone, so it is used.
+CUSTOMERS_BY_PHONE = (
+    f"SELECT id FROM customers WHERE merged_into IS NULL AND {PHONE_SQL} = $1 ORDER BY id"
+)
 
 
 async def customers_by_phone(conn: Conn, phone: str) -> list[str]:
-    """Live (not merged-away) customers whose `phone` trait is this number."""
-    rows = await conn.fetch(
-        "SELECT id FROM customers WHERE merged_into IS NULL AND btrim(traits->>'phone') = $1 "
-        "ORDER BY id",
-        phone.strip(),
-    )
-    return [r["id"] for r in rows]
+    """Live (not merged-away) customers whose `phone` trait is this number, however either
+    is formatted (compared as `normalize_phone`)."""
+    number = normalize_phone(phone)
+    if not number:
+        return []
+    return [r["id"] for r in await conn.fetch(CUSTOMERS_BY_PHONE, number)]

@@ -21,7 +21,13 @@ Channel = Literal["outbox", "email", "sms", "push", "webhook", "in_app"]
 
 class SubscriptionPublic(BaseModel):
     channel: Channel
-    topic: str = Field(default="marketing", pattern=r"^[a-z0-9][a-z0-9_\-]*$", max_length=64)
+    topic: str = Field(
+        default="marketing",
+        pattern=r"^(\*|[a-z0-9][a-z0-9_\-]*)$",
+        max_length=64,
+        description="a send step's topic, or `*`: every topic of the channel (an SMS STOP "
+        "unsubscribes `*`; unsubscribed there blocks the whole channel)",
+    )
     status: Literal["subscribed", "unsubscribed"]
     source: str | None = Field(default="api", max_length=64)
 
@@ -29,7 +35,9 @@ class SubscriptionPublic(BaseModel):
 class SuppressionPublic(BaseModel):
     channel: Channel
     address: str = Field(min_length=1, max_length=512)
-    reason: Literal["hard_bounce", "complaint", "manual"] = "manual"
+    reason: Literal["hard_bounce", "complaint", "stop", "manual"] = Field(
+        default="manual", description="`stop`: the number texted STOP (a START lifts it)"
+    )
     created_at: datetime | None = None
 
 
@@ -77,6 +85,8 @@ async def list_suppressions(
 
 @router.post("/v1/suppressions", response_model=SuppressionPublic, status_code=201)
 async def add_suppression(body: SuppressionPublic, pool: PoolDep) -> SuppressionPublic:
+    if not normalize_address(body.channel, body.address):
+        raise ApiError(400, "invalid_request", f"address: not an address on {body.channel}")
     row = await pool.fetchrow(
         "INSERT INTO suppressions (channel, address, reason) VALUES ($1, $2, $3) "
         "ON CONFLICT (channel, address) DO UPDATE SET reason = $3 RETURNING *",

@@ -9,7 +9,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from api.deps import PoolDep, SettingsDep, basic_user, check_write_key
+from api.deps import PoolDep, SettingsDep, basic_user, check_write_key, read_body
 from api.errors import ApiError
 from models.public import Accepted
 from models.segment import (
@@ -34,8 +34,9 @@ _DOC_BODY = {
 
 
 async def _read_json(request: Request, limit: int) -> Any:
-    raw = await request.body()
     encoding = request.headers.get("content-encoding", "").lower()
+    # Compressed bodies are smaller than what they inflate to; the inflated size is checked below.
+    raw = await read_body(request, limit if encoding != "gzip" else 2 * limit)
     if encoding == "gzip":
         try:
             d = zlib.decompressobj(16 + zlib.MAX_WBITS)

@@ -1,12 +1,16 @@
 """Provider callbacks: delivery, bounces and complaints, SMS status and inbound SMS keywords.
 
-No admin key: each request is verified by its signature instead. The generic callback is signed
-like our outgoing webhooks (`Journeys-Signature`, HMAC-SHA256 with WEBHOOK_SIGNING_SECRET, at
-most WEBHOOK_TOLERANCE_SECONDS old); the Twilio-style SMS callbacks carry `X-Twilio-Signature`
-(HMAC-SHA1 with SMS_AUTH_TOKEN over the URL Twilio called and the form fields). That URL is
-rebuilt from PUBLIC_URL + the request path, not from the request as this process sees it:
-behind a proxy or load balancer the host and scheme differ, and Twilio signed the public one.
-So configure the provider with `{PUBLIC_URL}/v1/providers/sms/status` and `.../sms/inbound`.
+No admin key: each request is verified by its signature instead, and an endpoint nobody
+configured a secret for is off (404), so no default secret is ever trusted. The generic callback
+is signed in the scheme of our outgoing webhooks (`Journeys-Signature`, HMAC-SHA256, at most
+WEBHOOK_TOLERANCE_SECONDS old) but with its own PROVIDER_CALLBACK_SECRET: with the outgoing
+secret, any receiver of our webhooks could replay them here. The Twilio-style SMS callbacks
+(on only with SMS_API_URL) carry `X-Twilio-Signature` (HMAC-SHA1 with SMS_AUTH_TOKEN over the
+URL Twilio called, query string included, and the form fields). That URL is rebuilt from
+PUBLIC_URL + the request path and query, not from the request as this process sees it: behind
+a proxy or load balancer the host and scheme differ, and Twilio signed the public one. So
+configure the provider with `{PUBLIC_URL}/v1/providers/sms/inbound`; the SMS channel sets
+`{PUBLIC_URL}/v1/providers/sms/status?m=<message id>` on every message it sends.
 """
 
 from __future__ import annotations
@@ -20,16 +24,20 @@ from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from activities.signing import SIGNATURE_HEADER, BadSignature, verify_signature, verify_twilio
-from api.deps import PoolDep, SettingsDep
+from api.deps import PoolDep, SettingsDep, read_body
 from api.errors import ApiError
 from store.feedback import (
     BounceKind,
+    adopt_provider_id,
     customers_by_phone,
     find_by_provider_id,
+    normalize_phone,
     record_bounce,
     record_delivered,
-    resubscribe_channel,
     set_subscription,
+    suppress,
+    undo_channel_opt_out,
+    unsuppress,
 )
 
 router = APIRouter(prefix="/v1/providers", tags=["providers"])
@@ -40,9 +48,11 @@ MAX_EVENTS = 1000
 STOP_WORDS = frozenset({"STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT"})
 START_WORDS = frozenset({"START", "UNSTOP", "YES"})
 # Twilio error codes that mean the number itself cannot receive messages (invalid, not a
-# mobile, unreachable/unknown handset, landline): a hard bounce. Anything else is soft.
-PERMANENT_SMS_ERRORS = frozenset({"21211", "21614", "30003", "30005", "30006"})
+# mobile, unknown handset, landline): a hard bounce. Anything else is soft, 30003 included
+# (handset off or out of coverage: it will be reachable again).
+PERMANENT_SMS_ERRORS = frozenset({"21211", "21614", "30005", "30006"})
 _SOURCE = "sms_keyword"
+_STOP_REASON = "stop"
 
 
 class ProviderEvent(BaseModel):
@@ -62,10 +72,7 @@ class ProviderEventsResult(BaseModel):
 
 
 async def _raw(request: Request) -> bytes:
-    raw = await request.body()
-    if len(raw) > MAX_BODY_BYTES:
-        raise ApiError(400, "too_large", f"request body exceeds {MAX_BODY_BYTES // 1024} KB")
-    return raw
+    return await read_body(request, MAX_BODY_BYTES)
 
 
 def _events(raw: bytes) -> list[ProviderEvent]:
@@ -98,11 +105,16 @@ async def provider_events(
     """Delivered / bounced / complained, one object or an array, signed `Journeys-Signature`.
 
     Messages are found by `provider_id` (SMTP Message-ID, SMS sid, push name); unknown ones are
-    counted as ignored. A hard bounce or a complaint suppresses the address."""
+    counted as ignored. A hard bounce or a complaint suppresses the address. Off (404) unless
+    PROVIDER_CALLBACK_SECRET is set."""
+    if settings.provider_callback_secret is None:
+        raise ApiError(
+            404, "not_found", "provider callbacks are off: PROVIDER_CALLBACK_SECRET is not set"
+        )
     raw = await _raw(request)
     try:
         verify_signature(
-            settings.webhook_signing_secret,
+            settings.provider_callback_secret,
             request.headers.get(SIGNATURE_HEADER),
             raw,
             tolerance=settings.webhook_tolerance_seconds,
@@ -129,6 +141,8 @@ async def provider_events(
 
 
 async def _twilio_form(request: Request, settings: SettingsDep) -> dict[str, str]:
+    if not settings.sms_api_url:
+        raise ApiError(404, "not_found", "SMS callbacks are off: SMS_API_URL is not set")
     raw = await _raw(request)
     try:
         params = dict(parse_qsl(raw.decode(), keep_blank_values=True))
@@ -159,14 +173,22 @@ async def sms_status(
 ) -> ProviderEventsResult:
     """Twilio-style status callback (form: MessageSid, MessageStatus, ErrorCode).
 
-    `delivered` records delivery; `undelivered` / `failed` a bounce, hard for the error codes
-    that mean the number cannot receive (PERMANENT_SMS_ERRORS), else soft. Other statuses
-    (queued, sent, ...) change nothing."""
+    The message is the one the query's `m` names (our id, set on the StatusCallback URL when
+    the message was sent), else the one with that MessageSid: a callback can arrive before the
+    send has recorded the sid, and then it records it. `delivered` records delivery;
+    `undelivered` / `failed` a bounce, hard for the error codes that mean the number cannot
+    receive (PERMANENT_SMS_ERRORS), else soft. Other statuses (queued, sent, ...) change
+    nothing."""
     params = await _twilio_form(request, settings)
     sid = _required(params, "MessageSid")
     status = _required(params, "MessageStatus").lower()
+    ours = request.query_params.get("m", "")
     async with pool.acquire() as conn, conn.transaction():
-        msg = await find_by_provider_id(conn, "sms", sid)
+        msg = None
+        if ours.isascii() and ours.isdigit() and len(ours) <= 18:
+            msg = await adopt_provider_id(conn, int(ours), "sms", sid)
+        if msg is None:
+            msg = await find_by_provider_id(conn, "sms", sid)
         if msg is not None and status == "delivered":
             await record_delivered(conn, msg)
         elif msg is not None and status in ("undelivered", "failed"):
@@ -189,22 +211,32 @@ def _twiml(message: str | None) -> Response:
 async def sms_inbound(request: Request, pool: PoolDep, settings: SettingsDep) -> Response:
     """Twilio-style inbound SMS (form: From, To, Body, MessageSid); answers TwiML.
 
-    The whole body, trimmed and case-insensitive, is the keyword: STOP, STOPALL, UNSUBSCRIBE,
-    CANCEL, END, QUIT unsubscribe every customer with that `phone` from all SMS (topic `*`);
-    START, UNSTOP, YES subscribe them again, topic rows included. Anything else changes
-    nothing."""
+    The whole body, trimmed and case-insensitive, is the keyword; numbers match however they
+    are formatted (`normalize_phone`). STOP, STOPALL, UNSUBSCRIBE, CANCEL, END, QUIT
+    unsubscribe every customer with that `phone` from all SMS (topic `*`) and suppress the
+    number (reason `stop`), so a profile created later with it is not texted either. START,
+    UNSTOP, YES undo exactly that: the `*` rows a STOP made and the `stop` suppression go, so
+    each customer is back to CONSENT_DEFAULT and their own topic choices; a choice made any
+    other way stays. Anything else changes nothing."""
     params = await _twilio_form(request, settings)
     phone = _required(params, "From")
+    if not normalize_phone(phone):
+        raise ApiError(400, "invalid_request", "From: not a phone number")
     word = params.get("Body", "").strip().upper()
     if word not in STOP_WORDS | START_WORDS:
         return _twiml(None)
+    stop = word in STOP_WORDS
     async with pool.acquire() as conn, conn.transaction():
         for cid in await customers_by_phone(conn, phone):
-            if word in STOP_WORDS:
+            if stop:
                 await set_subscription(conn, cid, "sms", "*", "unsubscribed", _SOURCE)
             else:
-                await resubscribe_channel(conn, cid, "sms", _SOURCE)
-    if word in STOP_WORDS:
+                await undo_channel_opt_out(conn, cid, "sms", _SOURCE)
+        if stop:
+            await suppress(conn, "sms", phone, _STOP_REASON)
+        else:
+            await unsuppress(conn, "sms", phone, _STOP_REASON)
+    if stop:
         return _twiml(
             "You are unsubscribed and will receive no more messages. Reply START to resubscribe."
         )

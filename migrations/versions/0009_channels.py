@@ -31,7 +31,7 @@ def upgrade() -> None:
     for name in _TS:
         op.add_column('messages', sa.Column(name, sa.DateTime(timezone=True), nullable=True))
     op.create_index('ix_messages_provider_id', 'messages', ['channel', 'provider_id'], unique=False)
-    op.create_index('ix_customers_phone', 'customers', [sa.text("btrim(traits->>'phone')")], unique=False, postgresql_where=sa.text('merged_into IS NULL'))
+    op.create_index('ix_customers_phone', 'customers', [sa.text("regexp_replace(traits->>'phone', '[^0-9+]', '', 'g')")], unique=False, postgresql_where=sa.text('merged_into IS NULL'))
     op.create_table('send_rate_windows',
     sa.Column('channel', sqlmodel.sql.sqltypes.AutoString(length=32), nullable=False),
     sa.Column('window_start', sa.DateTime(timezone=True), nullable=False),

@@ -4,6 +4,8 @@ and the real router; message rows are inserted as the send path leaves them."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
@@ -11,8 +13,33 @@ import httpx
 from temporalio.client import Client
 
 from activities.router import EventRouter
+from api.main import create_app
+from core.settings import Settings
 from store.profiles import find_customer
 from tests.api.conftest import WRITE
+
+PROVIDER_SECRET = "test-provider-secret"
+
+
+def callbacks_on(settings: Settings) -> Settings:
+    """The provider callbacks are off by default: these settings turn them on (their own
+    secret, and an SMS channel for the SMS ones)."""
+    return settings.model_copy(
+        update={
+            "provider_callback_secret": PROVIDER_SECRET,
+            "sms_api_url": "http://sms.invalid/2010-04-01",
+        }
+    )
+
+
+@asynccontextmanager
+async def app_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """Another app in-process, with other settings than the `api` fixture's."""
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            yield client
 
 
 async def route(pool: asyncpg.Pool, client: Client) -> int:

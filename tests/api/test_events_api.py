@@ -489,3 +489,13 @@ async def test_nul_character_is_a_validation_error_not_a_crash(api, db, body):
     # The escaped text `\\u0000` (a backslash, not NUL) is ordinary data.
     ok = {"userId": "u1", "event": "e", "properties": {"note": "\\u0000"}, "messageId": "m2"}
     assert (await post(api, "/v1/track", ok)).status_code == 200
+
+
+async def test_non_ascii_keys_are_refused_not_crashed(api):
+    """A header can carry any byte; a key that is not ours is a 401, never a 500."""
+    basic = "Basic " + base64.b64encode("clé:".encode()).decode()
+    r = await api.post("/v1/track", json={"userId": "u", "event": "E"},
+                       headers={"Authorization": basic})  # fmt: skip
+    assert r.status_code == 401
+    r = await api.get("/v1/journeys", headers={"Authorization": "Bearer clé".encode("latin-1")})
+    assert r.status_code == 401

@@ -6,19 +6,36 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import AsyncIterator
 from typing import Any
+
+import pytest
 
 from activities.links import sign, unsubscribe_url
 from activities.signing import signature_header, twilio_signature
 from activities.tracking import instrument
+from api.routes.providers import MAX_BODY_BYTES
 from core.settings import Settings
 from tests.api.conftest import ADMIN
-from tests.api.feedback_helpers import assert_error, customer, events, message, route
+from tests.api.feedback_helpers import (
+    app_client,
+    assert_error,
+    callbacks_on,
+    customer,
+    events,
+    message,
+    route,
+)
 
 HTML = (
     '<html><body><a href="https://shop.example/cart">Cart</a> '
     '<a href="https://shop.example/help?x=1&amp;y=2">Help</a></body></html>'
 )
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    return callbacks_on(settings)
 
 
 def _path(url: str, settings: Settings) -> str:
@@ -123,7 +140,8 @@ async def test_click_redirects_only_to_links_of_the_message(api, db, dev_env, se
 
 def _signed(settings: Settings, body: Any, *, age: int = 0) -> dict[str, Any]:
     raw = json.dumps(body).encode()
-    header = signature_header(settings.webhook_signing_secret, raw, int(time.time()) - age)
+    assert settings.provider_callback_secret
+    header = signature_header(settings.provider_callback_secret, raw, int(time.time()) - age)
     return {
         "content": raw,
         "headers": {"Journeys-Signature": header, "Content-Type": "application/json"},
@@ -192,8 +210,16 @@ async def test_provider_callbacks_need_a_fresh_valid_signature(api, db, dev_env,
     tampered = _signed(settings, body)
     tampered["content"] = tampered["content"].replace(b"bounced", b"delivered")
     assert_error(await api.post(url, **tampered), 401, "unauthorized", "Journeys-Signature")
-    other = _signed(Settings(webhook_signing_secret="wrong"), body)
+    other = _signed(Settings(provider_callback_secret="wrong"), body)
     assert_error(await api.post(url, **other), 401, "unauthorized", "Journeys-Signature")
+    # Signed like our outgoing webhooks: a receiver of those replaying one to us is refused.
+    ours = _signed(Settings(provider_callback_secret=settings.webhook_signing_secret), body)
+    assert_error(await api.post(url, **ours), 401, "unauthorized", "Journeys-Signature")
+    # A header that is not ASCII is a wrong signature, not a server error.
+    now = int(time.time())
+    for sig in (f"t={now},v1=\xe9t\xe9".encode("latin-1"), f"t={now},v1=x".encode() + b"\xff"):
+        r = await api.post(url, json=body, headers={"Journeys-Signature": sig})
+        assert_error(r, 401, "unauthorized", "Journeys-Signature")
     assert await db.fetchval("SELECT status FROM messages WHERE id = $1", mid) == "sent"
     assert await db.fetchval("SELECT count(*) FROM suppressions") == 0
 
@@ -215,6 +241,7 @@ async def test_sms_status_callback(api, db, dev_env, settings):
     ok = await message(db, cid, channel="sms", provider_id="SM1", address="+15551230000")
     gone = await message(db, cid, channel="sms", provider_id="SM2", address="+15551230000")
     busy = await message(db, cid, channel="sms", provider_id="SM3", address="+15559990000")
+    away = await message(db, cid, channel="sms", provider_id="SM4", address="+15558880000")
     path = "/v1/providers/sms/status"
 
     def status(sid: str, value: str, code: str = "") -> dict[str, Any]:
@@ -230,8 +257,10 @@ async def test_sms_status_callback(api, db, dev_env, settings):
     assert await db.fetchval("SELECT delivered_at FROM messages WHERE id = $1", ok) is not None
     await api.post(path, **status("SM2", "failed", "30005"))
     await api.post(path, **status("SM3", "undelivered", "30008"))
+    # 30003: the handset is off or out of coverage, it will be back; soft, not suppressed.
+    await api.post(path, **status("SM4", "undelivered", "30003"))
     rows = dict(await db.fetch("SELECT id, skip_reason FROM messages WHERE status = 'bounced'"))
-    assert rows == {gone: "hard_bounce", busy: "soft_bounce"}
+    assert rows == {gone: "hard_bounce", busy: "soft_bounce", away: "soft_bounce"}
     suppressed = [tuple(s) for s in await db.fetch("SELECT channel, address FROM suppressions")]
     assert suppressed == [("sms", "+15551230000")]
     r = await api.post(path, **status("SM-unknown", "delivered"))
@@ -243,6 +272,87 @@ async def test_sms_status_callback(api, db, dev_env, settings):
     assert_error(await api.post(path, **forged), 401, "unauthorized", "X-Twilio-Signature")
     missing = _twilio(settings, path, {"MessageStatus": "delivered"})
     assert_error(await api.post(path, **missing), 400, "invalid_request", "MessageSid")
+    odd = status("SM1", "delivered")
+    odd["headers"]["X-Twilio-Signature"] = "sign\xe9".encode("latin-1")
+    assert_error(await api.post(path, **odd), 401, "unauthorized", "X-Twilio-Signature")
+
+
+async def test_sms_status_before_the_sid_is_recorded(api, db, dev_env, settings):
+    """Our StatusCallback URL names the message (`?m=`): a callback that beats the send's own
+    write of the sid finds it, and records the sid."""
+    cid = await customer(api, db, dev_env.client, "gus", phone="+15551230000")
+    early = await message(db, cid, channel="sms", status="sending", address="+15551230000")
+    known = await message(db, cid, channel="sms", provider_id="SM7", address="+15551230000")
+    mail = await message(db, cid, channel="email", address="gus@example.com")
+    base = "/v1/providers/sms/status"
+
+    def status(path: str, sid: str, value: str = "delivered") -> dict[str, Any]:
+        params = {"MessageSid": sid, "MessageStatus": value, "AccountSid": "AC-dev"}
+        return _twilio(settings, path, params)
+
+    # The signature covers the query: signed without it, refused.
+    unsigned_query = status(base, "SM6")
+    r = await api.post(f"{base}?m={early}", **unsigned_query)
+    assert_error(r, 401, "unauthorized", "X-Twilio-Signature")
+
+    r = await api.post(f"{base}?m={early}", **status(f"{base}?m={early}", "SM6"))
+    assert r.json() == {"received": 1, "applied": 1, "ignored": 0}
+    row = await db.fetchrow("SELECT provider_id, delivered_at FROM messages WHERE id = $1", early)
+    assert row["provider_id"] == "SM6" and row["delivered_at"] is not None
+    # From now on the sid finds it too, and the send's own write keeps the same sid.
+    r = await api.post(base, **status(base, "SM6", "failed"))
+    assert r.json()["applied"] == 1
+
+    # A recorded sid is never replaced.
+    r = await api.post(f"{base}?m={known}", **status(f"{base}?m={known}", "SM7-other"))
+    assert r.json()["applied"] == 1
+    assert await db.fetchval("SELECT provider_id FROM messages WHERE id = $1", known) == "SM7"
+    # `m` naming no SMS message, or not a number: the sid decides.
+    for m in (str(mail), "999999", "x1", "99999999999999999999999"):
+        path = f"{base}?m={m}"
+        r = await api.post(path, **status(path, "SM7"))
+        assert r.json() == {"received": 1, "applied": 1, "ignored": 0}, m
+    assert await db.fetchval("SELECT provider_id FROM messages WHERE id = $1", mail) is None
+    path = f"{base}?m=999999"
+    r = await api.post(path, **status(path, "SM-unknown"))
+    assert r.json() == {"received": 1, "applied": 0, "ignored": 1}
+
+
+async def test_callbacks_are_off_until_configured(db, settings):
+    """No PROVIDER_CALLBACK_SECRET: no generic callback (the dev default of the outgoing
+    secret is public). No SMS_API_URL: no SMS callbacks. 404, naming the setting."""
+    off = settings.model_copy(update={"provider_callback_secret": None, "sms_api_url": None})
+    body = {"provider_id": "<x@mail.test>", "type": "delivered"}
+    async with app_client(off) as api:
+        r = await api.post("/v1/providers/email/events", **_signed(settings, body))
+        assert_error(r, 404, "not_found", "PROVIDER_CALLBACK_SECRET")
+        params = {"MessageSid": "SM1", "MessageStatus": "delivered"}
+        for path in ("/v1/providers/sms/status", "/v1/providers/sms/inbound"):
+            r = await api.post(path, **_twilio(settings, path, params))
+            assert_error(r, 404, "not_found", "SMS_API_URL")
+
+
+async def test_bodies_over_the_limit_are_refused_without_reading_them(api, db, settings):
+    read = 0
+
+    async def chunks(total: int) -> AsyncIterator[bytes]:
+        nonlocal read
+        while read < total:
+            read += 64 * 1024
+            yield b" " * (64 * 1024)
+
+    url = "/v1/providers/email/events"
+    declared = {"Content-Length": str(MAX_BODY_BYTES + 1), "Content-Type": "application/json"}
+    r = await api.post(url, content=chunks(MAX_BODY_BYTES + 1), headers=declared)
+    assert_error(r, 400, "too_large", "body")
+    assert read == 0  # refused on the header alone
+    # Chunked, no Content-Length: refused as soon as the stream passes the limit.
+    r = await api.post(url, content=chunks(10 * MAX_BODY_BYTES))
+    assert_error(r, 400, "too_large", "body")
+    assert MAX_BODY_BYTES < read <= MAX_BODY_BYTES + 3 * 64 * 1024
+    bad = {"Content-Length": "12x", "Content-Type": "application/json"}
+    r = await api.post(url, content=b'{"a": 1}', headers=bad)
+    assert r.status_code == 400, r.text
 
 
 async def test_unsubscribe_link_and_api_emit_unsubscribed_once_per_change(
