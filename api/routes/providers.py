@@ -107,7 +107,7 @@ async def provider_events(
     Messages are found by `provider_id` (SMTP Message-ID, SMS sid, push name); unknown ones are
     counted as ignored. A hard bounce or a complaint suppresses the address. Off (404) unless
     PROVIDER_CALLBACK_SECRET is set."""
-    if settings.provider_callback_secret is None:
+    if not settings.provider_callback_secret:  # unset or empty: off
         raise ApiError(
             404, "not_found", "provider callbacks are off: PROVIDER_CALLBACK_SECRET is not set"
         )
