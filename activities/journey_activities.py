@@ -58,14 +58,19 @@ _SELECT_MESSAGE = f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE idempotency_ke
 log = structlog.stdlib.get_logger("activities")
 
 
+# A provider call gets at least this long; an attempt with less left does not start one.
+MIN_PROVIDER_SECONDS = 2.0
+
+
 def _deadline(started: float | None, margin: float = 3.0) -> float | None:
-    """Seconds left for the provider call before this activity attempt times out."""
+    """Seconds left for the provider call before this activity attempt times out (counted
+    from when this worker began the attempt; the server's clock may differ from ours)."""
     if started is None or not activity.in_activity():
         return None
     timeout = activity.info().start_to_close_timeout
     if timeout is None:
         return None
-    return max(timeout.total_seconds() - (time.monotonic() - started) - margin, 1.0)
+    return max(timeout.total_seconds() - (time.monotonic() - started) - margin, 0.0)
 
 
 @dataclass(frozen=True)
@@ -218,9 +223,9 @@ class JourneyActivities:
         name: str = row["channel"]
         subject, body, html = row["subject"], row["body"], row["html"]
         channel = self.channels.get(name)
-        if channel is None:  # reserved by a worker configured differently
+        if channel is None:  # reserved by a worker configured differently: another may have it
             raise ApplicationError(
-                f"channel {name!r} is not configured on this worker", type="InvalidRequest"
+                f"channel {name!r} is not configured on this worker", type="ChannelUnavailable"
             )
         wait = await self.rates.wait_for(self.pool, name)
         if wait is not None:
@@ -237,6 +242,11 @@ class JourneyActivities:
                 unsubscribe = unsubscribe_url(base, secret, row["customer_id"], name, req.topic)
             tracked = instrument(body, html, base_url=base, secret=secret, message_id=row["id"])
             body, html, links = tracked.text, tracked.html, tracked.links
+        left = _deadline(started)
+        if left is not None and left < MIN_PROVIDER_SECONDS:
+            # Too late in this attempt: Temporal may already be starting the next one, and
+            # two attempts must never both hand the message over.
+            raise ApplicationError("no time left in this attempt", type="AttemptExpired")
         claimed = await self._claim(req, row, links)
         if isinstance(claimed, SendResult):
             return claimed
@@ -263,7 +273,7 @@ class JourneyActivities:
                     )
                 )
         except PermanentDeliveryError as err:
-            return await self._refused(row, name, err, bound)
+            return await self._refused(req, row, attempt, name, err, bound)
         except Exception as err:
             not_sent = definitely_not_sent(err)
             await self.pool.execute(
@@ -295,6 +305,8 @@ class JourneyActivities:
         )
         if recorded is None:  # a later attempt or a provider callback got there first
             done = await self.pool.fetchrow(_SELECT_MESSAGE, req.idempotency_key)
+            if done["status"] in ("pending", "sending"):  # that attempt is not finished
+                raise ApplicationError("a later attempt owns this send", type="AttemptSuperseded")
             return SendResult(
                 message_id=done["id"], status=done["status"], duplicate=True, channel=name
             )
@@ -348,23 +360,42 @@ class JourneyActivities:
             )
 
     async def _refused(
-        self, row: asyncpg.Record, name: str, err: PermanentDeliveryError, bound: Any
+        self,
+        req: SendRequest,
+        row: asyncpg.Record,
+        attempt: int,
+        name: str,
+        err: PermanentDeliveryError,
+        bound: Any,
     ) -> SendResult:
         """A refusal for good. About the address: a hard bounce (recorded, the address
         suppressed, a `Message Bounced` event, as when a provider reports it later). About
-        the message: only this message fails."""
+        the message: only this message fails. Only the attempt that holds the claim records."""
         async with self.pool.acquire() as conn, conn.transaction():
-            if err.suppress:
+            owner = await conn.fetchval(
+                "SELECT id FROM messages WHERE id = $1 AND attempts = $2 AND status = 'sending' "
+                "FOR UPDATE",
+                row["id"],
+                attempt,
+            )
+            if owner is not None and err.suppress:
                 sent = await feedback.get_message(conn, row["id"])
                 assert sent is not None
                 await feedback.record_bounce(conn, sent, "hard", str(err))
-            else:
+            elif owner is not None:
                 await conn.execute(
                     "UPDATE messages SET status = 'failed', skip_reason = 'rejected', error = $2 "
                     "WHERE id = $1",
                     row["id"],
                     str(err)[:1000],
                 )
+        if owner is None:
+            done = await self.pool.fetchrow(_SELECT_MESSAGE, req.idempotency_key)
+            if done["status"] in ("pending", "sending"):
+                raise ApplicationError("a later attempt owns this send", type="AttemptSuperseded")
+            return SendResult(
+                message_id=done["id"], status=done["status"], duplicate=True, channel=name
+            )
         status, reason = ("bounced", "hard_bounce") if err.suppress else ("failed", "rejected")
         bound.warning(f"send.{status}", channel=name, code=err.code, error=err.message)
         return SendResult(

@@ -243,7 +243,12 @@ async def set_subscription(
         "WHERE customer_id = $1 AND channel = $2 AND topic = $3) "
         "INSERT INTO subscriptions (customer_id, channel, topic, status, source) "
         "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (customer_id, channel, topic) "
-        "DO UPDATE SET status = $4, source = $5, updated_at = now() "
+        # The same choice again keeps its source: a STOP after an admin's opt-out must not
+        # make it look like the STOP's (a START would then undo the admin's choice).
+        "DO UPDATE SET status = $4, "
+        "source = CASE WHEN subscriptions.status = $4 THEN subscriptions.source ELSE $5 END, "
+        "updated_at = CASE WHEN subscriptions.status = $4 THEN subscriptions.updated_at "
+        "ELSE now() END "
         "RETURNING (SELECT status FROM prev) AS before, (SELECT updated_at FROM prev) AS since",
         customer_id,
         channel,

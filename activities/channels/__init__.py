@@ -81,8 +81,10 @@ def definitely_not_sent(err: BaseException) -> bool:
         return True
     if isinstance(err, ProviderUnavailable):
         return err.not_sent
-    # An SMTP 4xx answer (mailbox busy, greylisting): the server did not accept the message.
-    return isinstance(err, aiosmtplib.SMTPResponseException) and 400 <= err.code < 500
+    # Any SMTP answer that refused (greylisting and other RCPT 4xx, a login or MAIL FROM
+    # refusal, a 4xx to DATA): the server did not accept the message. A dropped connection is
+    # not an answer, and stays in doubt.
+    return isinstance(err, aiosmtplib.SMTPResponseException | aiosmtplib.SMTPRecipientsRefused)
 
 
 class Channel(Protocol):

@@ -109,8 +109,12 @@ class EmailChannel:
             timeout=self.timeout,
         )
         await smtp.connect()
-        if self.username:
-            await smtp.login(self.username, self.password or "")
+        try:
+            if self.username:
+                await smtp.login(self.username, self.password or "")
+        except BaseException:
+            smtp.close()
+            raise
         return smtp
 
     async def _checkout(self) -> tuple[aiosmtplib.SMTP, bool]:
@@ -144,6 +148,11 @@ class EmailChannel:
         data = msg.as_bytes(policy=_POLICY)  # aiosmtplib would re-fold at 78 columns
         recipient = parseaddr(message.to or "")[1] or (message.to or "")
         sender = parseaddr(self.sender)[1] or self.sender
+        if not recipient.isascii() or any(c.isspace() or ord(c) < 32 for c in recipient):
+            # No SMTPUTF8 here: such an address can never be sent; do not retry it forever.
+            raise PermanentDeliveryError(
+                0, f"invalid message: address {recipient!r} cannot be sent", suppress=False
+            )
         smtp, reused = await self._checkout()
         try:
             try:
@@ -176,6 +185,9 @@ class EmailChannel:
                     err.code, err.message, recipient, suppress=False
                 ) from err
             raise
+        except (ValueError, UnicodeError) as err:  # an address aiosmtplib cannot quote
+            smtp.close()
+            raise PermanentDeliveryError(0, f"invalid message: {err}", suppress=False) from err
         except BaseException:
             smtp.close()
             raise

@@ -13,7 +13,7 @@ Answers:
 - 5xx, 401/403 (credentials), 404 (a wrong URL, unless the provider says the recipient is
   unknown), 408, 409 (key in use by an attempt still running), 425, 3xx, timeouts and
   connection errors: `ProviderUnavailable` or the httpx error, retried with backoff.
-- A refusal about the recipient (Twilio 21211/21614/21612, FCM UNREGISTERED / invalid token):
+- A refusal about the recipient (Twilio 21211/21614, FCM UNREGISTERED / invalid token):
   `PermanentDeliveryError`, a hard bounce that suppresses the address.
 - Other 4xx (a request the provider will never accept): `PermanentDeliveryError` without
   suppression; only this message fails.
@@ -22,6 +22,7 @@ Answers:
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -38,7 +39,7 @@ from activities.signing import SIGNATURE_HEADER, signature_header
 
 RETRYABLE_4XX = {401, 403, 404, 408, 409, 425}
 # Twilio error codes about the number itself: invalid, not a mobile, unreachable region.
-TWILIO_BAD_NUMBER = {21211, 21612, 21614}
+TWILIO_BAD_NUMBER = {21211, 21614}
 RecipientError = Callable[[int, dict[str, Any]], bool]
 
 
@@ -79,13 +80,17 @@ def _check(
             after = float(resp.headers.get("Retry-After", "1"))
         except ValueError:
             after = 1.0
-        raise ProviderBusy(channel, max(after, 0.1))
+        if not math.isfinite(after):
+            after = 1.0
+        raise ProviderBusy(channel, min(max(after, 0.1), 3600.0))
     if bad_recipient(status, detail):
         raise PermanentDeliveryError(status, text, recipient, suppress=True)
     if status >= 500 or status < 400 or status in RETRYABLE_4XX:
         raise ProviderUnavailable(
             f"{channel} provider answered {status}: {text}",
-            not_sent=status in (401, 403, 503),
+            # Answers that say the request was not processed; a 409 (key in use) or a
+            # 500/502/504 may come after the provider took the message.
+            not_sent=status < 400 or status in (401, 403, 404, 408, 425, 503),
         )
     raise PermanentDeliveryError(status, text, recipient, suppress=False)
 

@@ -141,8 +141,11 @@ async def provider_events(
 
 
 async def _twilio_form(request: Request, settings: SettingsDep) -> dict[str, str]:
-    if not settings.sms_api_url:
-        raise ApiError(404, "not_found", "SMS callbacks are off: SMS_API_URL is not set")
+    if not settings.sms_api_url or not settings.sms_auth_token:
+        # An empty token would make every signature computable by anyone.
+        raise ApiError(
+            404, "not_found", "SMS callbacks are off: SMS_API_URL or SMS_AUTH_TOKEN is not set"
+        )
     raw = await _raw(request)
     try:
         params = dict(parse_qsl(raw.decode(), keep_blank_values=True))

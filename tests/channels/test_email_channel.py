@@ -207,3 +207,17 @@ async def test_a_server_restart_between_messages_costs_nothing():
     finally:
         server.stop()
     assert len(recorder.envelopes) == 2 and len(set(recorder.peers)) == 2
+
+
+async def test_unsendable_addresses_fail_for_good_and_refusals_are_not_in_doubt(smtp):
+    from activities.channels import definitely_not_sent
+
+    recorder, port = smtp
+    for to in ("jö@example.com", "a b@example.com"):
+        with pytest.raises(PermanentDeliveryError, match="cannot be sent") as info:
+            await channel(port).deliver(rendered(to=to))
+        assert not info.value.suppress
+    with pytest.raises(aiosmtplib.SMTPRecipientsRefused) as busy:  # 450 at RCPT
+        await channel(port).deliver(rendered(to=BUSY))
+    assert definitely_not_sent(busy.value)  # back to pending: consent is checked again
+    assert recorder.envelopes == []
