@@ -1,22 +1,38 @@
 """The Segment HTTP Tracking API envelope (spec copy: ../shared/specs/segment/).
 
 Validation returns errors that name the field (`batch[3].userId`), never a stack trace.
+
+Timestamps (`timestamp`, `originalTimestamp`, `sentAt`, `receivedAt`, and the batch's
+`sentAt`) must lie between TIMESTAMP_MIN (2000-01-01 UTC) and the time of the request plus
+MAX_CLOCK_SKEW (one day): a date outside that is a client bug, not history, and stored as is it
+would be `-infinity`/`infinity` or overflow in PostgreSQL and break routing. Such an event is
+refused (400 naming the field) rather than clamped, so the sender sees its bug.
+
+`context.traits` (where the RudderStack SDK puts identify traits, and which the spec lets
+`track` carry) are merged under the event's `traits` for `identify` and `track`, top-level
+traits winning, so the router applies one `traits` object whatever the client.
 """
 
 from __future__ import annotations
 
 import json
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pydantic import BaseModel
+
+from models.safe_json import UnsafeJson, find_unsafe
 
 EVENT_TYPES = ("track", "identify", "page", "screen", "group", "alias")
 MAX_EVENT_BYTES = 32 * 1024
 MAX_BATCH_BYTES = 500 * 1024
 MAX_BATCH_EVENTS = 2500
 MAX_ID_CHARS = 512  # messageId, userId, anonymousId, previousId, event name
+TIMESTAMP_MIN = datetime(2000, 1, 1, tzinfo=UTC)
+MAX_CLOCK_SKEW = timedelta(days=1)
+TIME_FIELDS = ("timestamp", "originalTimestamp", "sentAt", "receivedAt")
+TRAITS_FROM_CONTEXT = ("identify", "track")
 
 
 class InvalidEvent(ValueError):
@@ -50,7 +66,8 @@ def _id(raw: dict[str, Any], key: str, where: str) -> str | None:
     return text
 
 
-def _time(raw: dict[str, Any], key: str, where: str) -> datetime | None:
+def _time(raw: dict[str, Any], key: str, where: str, now: datetime) -> datetime | None:
+    """An ISO-8601 date in UTC, within [TIMESTAMP_MIN, now + MAX_CLOCK_SKEW]."""
     v = raw.get(key)
     if v is None:
         return None
@@ -58,19 +75,29 @@ def _time(raw: dict[str, Any], key: str, where: str) -> datetime | None:
         raise InvalidEvent(f"{where}{key}", "must be an ISO-8601 date string")
     try:
         ts = datetime.fromisoformat(v.replace("Z", "+00:00"))
-    except ValueError:
-        raise InvalidEvent(f"{where}{key}", f"invalid ISO-8601 date {v!r}") from None
-    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
+        # 0001-01-01T00:00:00+14:00 parses, but is before year 1 in UTC.
+        ts = ts.astimezone(UTC) if ts.tzinfo else ts.replace(tzinfo=UTC)
+    except (ValueError, OverflowError):
+        raise InvalidEvent(f"{where}{key}", f"invalid ISO-8601 date {v[:64]!r}") from None
+    latest = now + MAX_CLOCK_SKEW
+    if not TIMESTAMP_MIN <= ts <= latest:
+        raise InvalidEvent(
+            f"{where}{key}",
+            f"{v[:64]!r} is out of range: must be between {TIMESTAMP_MIN.isoformat()} and "
+            f"now + {MAX_CLOCK_SKEW.days} day",
+        )
+    return ts
 
 
-def _has_nul(value: Any) -> bool:
-    if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, dict):
-        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(_has_nul(v) for v in value)
-    return False
+def _traits(raw: dict[str, Any], typ: str) -> dict[str, Any] | None:
+    """`context.traits` under `traits` (top-level keys win) for identify and track."""
+    context = raw.get("context")
+    extra = context.get("traits") if isinstance(context, dict) else None
+    if typ not in TRAITS_FROM_CONTEXT or not isinstance(extra, dict) or not extra:
+        return None
+    if "traits" in raw and raw["traits"] is not None and not isinstance(raw["traits"], dict):
+        return None  # refused below, naming `traits`
+    return {**extra, **(raw.get("traits") or {})}
 
 
 def parse_event(
@@ -79,14 +106,16 @@ def parse_event(
     """Validate one event; `kind` comes from the URL for single-event endpoints."""
     if not isinstance(raw, dict):
         raise InvalidEvent(where.rstrip(".") or "body", "must be a JSON object")
+    now = now or datetime.now(UTC)
+    try:
+        # First: a lone surrogate or deep nesting would break the size check's encoding.
+        find_unsafe(raw, where.rstrip("."))
+    except UnsafeJson as err:
+        raise InvalidEvent(err.field, err.message) from None
     dumped = json.dumps(raw, separators=(",", ":"), ensure_ascii=False, default=str)
     size = len(dumped.encode())
     if size > MAX_EVENT_BYTES:
         raise InvalidEvent(where.rstrip(".") or "body", f"event is {size} bytes; limit is 32 KB")
-    if "\\u0000" in dumped and _has_nul(raw):
-        # Valid JSON, but PostgreSQL text and jsonb cannot hold NUL: name the field.
-        bad = next((k for k, v in raw.items() if _has_nul(k) or _has_nul(v)), "body")
-        raise InvalidEvent(f"{where}{bad}", "contains a NUL character (\\u0000)")
     typ = kind or raw.get("type")
     if typ not in EVENT_TYPES:
         raise InvalidEvent(f"{where}type", f"must be one of {', '.join(EVENT_TYPES)}")
@@ -114,14 +143,12 @@ def parse_event(
         if key in raw and raw[key] is not None and not isinstance(raw[key], dict):
             raise InvalidEvent(f"{where}{key}", "must be an object")
     message_id = _id(raw, "messageId", where) or f"gen-{uuid.uuid4()}"
-    timestamp = (
-        _time(raw, "timestamp", where)
-        or _time(raw, "originalTimestamp", where)
-        or now
-        or datetime.now(UTC)
-    )
+    times = {key: _time(raw, key, where, now) for key in TIME_FIELDS}
+    timestamp = times["timestamp"] or times["originalTimestamp"] or now
     payload = {**raw, "type": typ, "messageId": message_id, "timestamp": timestamp.isoformat()}
     payload.pop("writeKey", None)
+    if (traits := _traits(raw, typ)) is not None:
+        payload["traits"] = traits
     return AcceptedEvent(
         message_id=message_id,
         type=typ,
@@ -143,6 +170,11 @@ def parse_batch(body: Any) -> list[AcceptedEvent]:
     if len(items) > MAX_BATCH_EVENTS:
         raise InvalidEvent("batch", f"has {len(items)} events; limit is {MAX_BATCH_EVENTS}")
     now = datetime.now(UTC)
+    try:
+        find_unsafe({k: v for k, v in body.items() if k != "batch"})
+    except UnsafeJson as err:
+        raise InvalidEvent(err.field, err.message) from None
+    _time(body, "sentAt", "", now)
     shared_ctx = body.get("context") if isinstance(body.get("context"), dict) else None
     out = []
     for i, item in enumerate(items):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import json
 import zlib
 from typing import Any
 
@@ -11,6 +10,7 @@ from fastapi import APIRouter, Request
 
 from api.deps import PoolDep, SettingsDep, basic_user, check_write_key, read_body
 from api.errors import ApiError
+from models import safe_json
 from models.public import Accepted
 from models.segment import (
     EVENT_TYPES,
@@ -48,13 +48,9 @@ async def _read_json(request: Request, limit: int) -> Any:
     if len(raw) > limit:
         raise ApiError(400, "too_large", f"request body exceeds {limit // 1024} KB")
     try:
-        return json.loads(raw, parse_constant=_no_constant)
-    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as err:
-        raise ApiError(400, "invalid_json", f"invalid JSON: {err}") from None
-
-
-def _no_constant(name: str) -> None:
-    raise ValueError(f"{name} is not valid JSON")
+        return safe_json.loads(raw)
+    except ValueError as err:
+        raise ApiError(400, "invalid_json", f"body: invalid JSON: {err}") from None
 
 
 async def _accept(pool: PoolDep, events: list[AcceptedEvent]) -> Accepted:
