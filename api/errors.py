@@ -7,6 +7,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 from core.logs import get_logger
 
@@ -25,6 +26,21 @@ def _body(status: int, code: str, message: str, **headers: str) -> JSONResponse:
     return JSONResponse({"code": code, "message": message}, status_code=status, headers=headers)
 
 
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def _allowed_methods(app: FastAPI, request: Request) -> list[str]:
+    """Every method some route serves at this path (routes may be nested routers)."""
+    return [
+        method
+        for method in _METHODS
+        if any(
+            route.matches({**request.scope, "method": method})[0] == Match.FULL
+            for route in app.router.routes
+        )
+    ]
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api(_: Request, err: ApiError) -> JSONResponse:
@@ -38,11 +54,16 @@ def install(app: FastAPI) -> None:
         return _body(400, "invalid_request", "; ".join(parts))
 
     @app.exception_handler(HTTPException)
-    async def _http(_: Request, err: HTTPException) -> JSONResponse:
+    async def _http(request: Request, err: HTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}.get(
             err.status_code, "error"
         )
-        return _body(err.status_code, code, str(err.detail))
+        headers = dict(err.headers or {})
+        if err.status_code == 405:
+            # Starlette names only the first route matching the path; a path served by
+            # several routes (GET list, POST create) allows the methods of all of them.
+            headers["Allow"] = ", ".join(_allowed_methods(app, request))
+        return _body(err.status_code, code, str(err.detail), **headers)
 
     async def _db_down(_: Request, err: Exception) -> JSONResponse:
         log.warning("api.db_unavailable", error=str(err))

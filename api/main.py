@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from activities.channels import build_channels
 from api import errors
 from api.deps import PoolDep
+from api.input_guard import InputGuard
 from api.routes import (
     contact,
     customers,
@@ -59,6 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     errors.install(app)
+    app.add_middleware(InputGuard, own_body_paths=events.RAW_BODY_PATHS)
     app.include_router(events.router)
     app.include_router(customers.router)
     app.include_router(journeys.router)

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
+from annotated_types import Ge, Le
 from pydantic import BaseModel, ConfigDict, Field
 
 from models.journey import ChannelName
 from models.runtime import SteerRecord, StepRecord
+
+# Integers as PostgreSQL stores them: a path, query or body integer past its column's type is
+# a 400 naming the parameter, not an overflow in the driver (a 500).
+BigInt = Annotated[int, Ge(-(2**63)), Le(2**63 - 1)]  # bigint columns: ids of events, ...
+Int32 = Annotated[int, Ge(-(2**31)), Le(2**31 - 1)]  # integer columns: versions, counts
 
 
 class Accepted(BaseModel):
@@ -169,8 +175,8 @@ class EnrollmentPublic(BaseModel):
 
 
 class MigrationRequest(BaseModel):
-    from_version: int = Field(ge=1)
-    to_version: int | None = Field(default=None, description="default: the current version")
+    from_version: Int32 = Field(ge=1)
+    to_version: Int32 | None = Field(default=None, description="default: the current version")
     step_map: dict[str, str] = Field(
         min_length=1, description="step in from_version → step in to_version"
     )
@@ -242,7 +248,7 @@ class TemplateDetail(TemplatePublic):
 
 class TemplatePreviewRequest(BaseModel):
     customer_id: str = Field(description="customer id, userId, anonymousId or email")
-    version: int | None = Field(default=None, ge=1, description="default: the current version")
+    version: Int32 | None = Field(default=None, ge=1, description="default: the current version")
     event: dict[str, Any] = Field(
         default_factory=dict, description="what the template sees as `event` (the entry event)"
     )
@@ -253,7 +259,7 @@ class TemplateTestSendRequest(BaseModel):
     customer_id: str | None = Field(
         default=None, description="whose profile to render with; default: an empty profile"
     )
-    version: int | None = Field(default=None, ge=1, description="default: the current version")
+    version: Int32 | None = Field(default=None, ge=1, description="default: the current version")
     event: dict[str, Any] = Field(default_factory=dict)
 
 

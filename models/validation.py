@@ -1,5 +1,6 @@
 """Publish-time checks of a journey's shape: every error names the step.
 
+- at most MAX_STEPS steps;
 - every step can be reached from the first one;
 - every loop contains a wait (`wait` or `wait_for`), so a journey never spins;
 - conditions that read `results.<step>` name a step that produces results and comes earlier;
@@ -10,7 +11,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from jinja2 import TemplateSyntaxError, meta
@@ -24,6 +25,9 @@ if TYPE_CHECKING:
 TEMPLATE_VARIABLES = {"profile", "customer", "event", "journey"}
 PRODUCES_RESULTS = {"wait_for", "score", "webhook", "split", "holdout", "send", "wait", "handoff"}
 WAITS = {"wait", "wait_for"}
+# A journey is read by people; hundreds of steps is already a generated one. The cap keeps
+# validation (and every run's workflow state) bounded.
+MAX_STEPS = 500
 _jinja = SandboxedEnvironment()
 
 
@@ -53,37 +57,49 @@ def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
 
 
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
-    """Strongly connected components that contain a cycle (Tarjan, iterative enough here)."""
+    """Strongly connected components that contain a cycle (Tarjan's algorithm).
+
+    Iterative, with an explicit stack: a recursive walk of a long chain of steps overflows
+    Python's recursion limit (a 1,200-step journey was a 500)."""
     index: dict[str, int] = {}
     low: dict[str, int] = {}
     stack: list[str] = []
     on_stack: set[str] = set()
     out: list[list[str]] = []
 
-    def visit(node: str) -> None:
-        index[node] = low[node] = len(index)
-        stack.append(node)
-        on_stack.add(node)
-        for nxt in graph[node]:
-            if nxt not in index:
-                visit(nxt)
-                low[node] = min(low[node], low[nxt])
-            elif nxt in on_stack:
-                low[node] = min(low[node], index[nxt])
-        if low[node] == index[node]:
-            comp: list[str] = []
-            while True:
-                top = stack.pop()
-                on_stack.discard(top)
-                comp.append(top)
-                if top == node:
-                    break
-            if len(comp) > 1 or node in graph[node]:
-                out.append(comp)
-
-    for node in graph:
-        if node not in index:
-            visit(node)
+    for root in graph:
+        if root in index:
+            continue
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        work: list[tuple[str, Iterator[str]]] = [(root, iter(sorted(graph[root])))]
+        while work:
+            node, successors_left = work[-1]
+            nxt = next(successors_left, None)
+            if nxt is not None:
+                if nxt not in index:
+                    index[nxt] = low[nxt] = len(index)
+                    stack.append(nxt)
+                    on_stack.add(nxt)
+                    work.append((nxt, iter(sorted(graph[nxt]))))
+                elif nxt in on_stack:
+                    low[node] = min(low[node], index[nxt])
+                continue
+            work.pop()
+            if work:
+                parent = work[-1][0]
+                low[parent] = min(low[parent], low[node])
+            if low[node] == index[node]:
+                comp: list[str] = []
+                while True:
+                    top = stack.pop()
+                    on_stack.discard(top)
+                    comp.append(top)
+                    if top == node:
+                        break
+                if len(comp) > 1 or node in graph[node]:
+                    out.append(comp)
     return out
 
 
@@ -163,6 +179,8 @@ def check_template_sources(sources: Iterable[tuple[str, str | None]]) -> None:
 
 
 def check(defn: JourneyDefinition) -> None:
+    if len(defn.steps) > MAX_STEPS:
+        raise ValueError(f"steps: {len(defn.steps)} steps; limit is {MAX_STEPS}")
     graph = {s.id: successors(defn, s) for s in defn.steps}
     kinds = {s.id: s.kind for s in defn.steps}
     reachable = _reachable(graph, defn.steps[0].id)

@@ -12,6 +12,7 @@ from temporalio.service import RPCError
 from api.deps import AdminDep, PoolDep, TemporalDep
 from api.errors import ApiError
 from models.public import (
+    BigInt,
     CustomerPublic,
     EventPage,
     EventPublic,
@@ -58,7 +59,7 @@ async def get_customer(ref: str, pool: PoolDep) -> CustomerPublic:
 
 @router.get("/{ref}/events", response_model=EventPage)
 async def get_events(
-    ref: str, pool: PoolDep, limit: int = Limit, before: int | None = None
+    ref: str, pool: PoolDep, limit: int = Limit, before: BigInt | None = None
 ) -> EventPage:
     """Newest first; page with `before=<next_before>`."""
     cid = await _customer_id(pool, ref)
@@ -90,7 +91,7 @@ async def get_events(
 
 @router.get("/{ref}/messages", response_model=MessagePage)
 async def get_messages(
-    ref: str, pool: PoolDep, limit: int = Limit, before: int | None = None
+    ref: str, pool: PoolDep, limit: int = Limit, before: BigInt | None = None
 ) -> MessagePage:
     cid = await _customer_id(pool, ref)
     rows = await pool.fetch(

@@ -24,6 +24,8 @@ from models.segment import (
 from store.events import store_events
 
 router = APIRouter(prefix="/v1", tags=["events"])
+# Read, decompressed and checked here (not by api.input_guard): errors name `batch[3]...`.
+RAW_BODY_PATHS = frozenset(f"/v1/{kind}" for kind in (*EVENT_TYPES, "batch"))
 
 _DOC_BODY = {
     "requestBody": {

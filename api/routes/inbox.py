@@ -7,7 +7,7 @@ from fastapi import APIRouter, Query
 
 from api.deps import AdminDep, PoolDep
 from api.errors import ApiError
-from models.public import InboxItem, InboxPage
+from models.public import BigInt, InboxItem, InboxPage
 from store.profiles import find_customer
 
 router = APIRouter(prefix="/v1/customers", tags=["inbox"], dependencies=[AdminDep])
@@ -27,7 +27,7 @@ async def get_inbox(
     ref: str,
     pool: PoolDep,
     limit: int = Query(50, ge=1, le=500),
-    before: int | None = Query(None, description="page: items with id below this"),
+    before: BigInt | None = Query(None, description="page: items with id below this"),
     unread_only: bool = False,
 ) -> InboxPage:
     cid = await _customer_id(pool, ref)
@@ -52,7 +52,7 @@ async def get_inbox(
 
 
 @router.post("/{ref}/inbox/{message_id}/read", response_model=InboxItem)
-async def mark_read(ref: str, message_id: int, pool: PoolDep) -> InboxItem:
+async def mark_read(ref: str, message_id: BigInt, pool: PoolDep) -> InboxItem:
     """Idempotent: the first read time is kept."""
     cid = await _customer_id(pool, ref)
     row = await pool.fetchrow(

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Query
 
 from api.deps import AdminDep, PoolDep
 from api.errors import ApiError
-from models.public import ChannelReport, StepChannelStats
+from models.public import ChannelReport, Int32, StepChannelStats
 
 router = APIRouter(prefix="/v1/journeys", tags=["reports"], dependencies=[AdminDep])
 
@@ -37,7 +37,7 @@ def _rate(part: int, whole: int) -> float | None:
 async def channel_report(
     journey_id: str,
     pool: PoolDep,
-    version: int | None = Query(None, ge=1, description="one version; default all"),
+    version: Int32 | None = Query(None, ge=1, description="one version; default all"),
 ) -> ChannelReport:
     """Per send step and channel: messages, sent, delivered, opened, clicked, read, bounced,
     and skipped by reason; rates are over sent messages."""

@@ -11,6 +11,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from api.deps import AdminDep, PoolDep, TemporalDep
 from api.errors import ApiError
+from models.public import BigInt
 from models.runtime import TaskClosed
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"], dependencies=[AdminDep])
@@ -55,7 +56,7 @@ async def list_tasks(
 
 
 @router.get("/{task_id}", response_model=TaskPublic)
-async def get_task(task_id: int, pool: PoolDep) -> TaskPublic:
+async def get_task(task_id: BigInt, pool: PoolDep) -> TaskPublic:
     row = await pool.fetchrow("SELECT * FROM tasks WHERE id = $1", task_id)
     if row is None:
         raise ApiError(404, "not_found", f"no task {task_id}")
@@ -64,7 +65,7 @@ async def get_task(task_id: int, pool: PoolDep) -> TaskPublic:
 
 @router.post("/{task_id}/close", response_model=TaskPublic)
 async def close_task(
-    task_id: int, body: CloseTask, pool: PoolDep, temporal: TemporalDep
+    task_id: BigInt, body: CloseTask, pool: PoolDep, temporal: TemporalDep
 ) -> TaskPublic:
     """Close once; the waiting run (if any) resumes with `outcome`. Closing again is a no-op."""
     async with pool.acquire() as conn, conn.transaction():

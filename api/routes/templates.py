@@ -22,6 +22,7 @@ from api.deps import AdminDep, ChannelsDep, PoolDep
 from api.errors import ApiError
 from core.logs import get_logger
 from models.public import (
+    Int32,
     RenderedTemplate,
     TemplateCreate,
     TemplateDetail,
@@ -154,7 +155,7 @@ async def get_template(template_id: str, pool: PoolDep) -> TemplateDetail:
 
 @router.get("/{template_id}/versions/{version}", response_model=TemplateVersionPublic)
 async def get_template_version(
-    template_id: str, version: int, pool: PoolDep
+    template_id: str, version: Int32, pool: PoolDep
 ) -> TemplateVersionPublic:
     return TemplateVersionPublic(**asdict(await _content(pool, template_id, version)))
 

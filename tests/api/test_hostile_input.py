@@ -14,8 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from models.validation import _cycles
-MAX_STEPS = 500
+from models.validation import MAX_STEPS, _cycles
 from tests.api.conftest import ADMIN, WRITE
 from tests.api.test_events_api import assert_error, count, ev
 
@@ -116,7 +115,9 @@ async def test_hostile_values_in_ids_and_names_are_400s(api, db):
 
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
 async def test_nan_and_infinity_literals_are_refused_everywhere(api, db, literal):
-    r = await raw_post(api, "/v1/track", f'{{"userId": "u", "event": "e", "x": {literal}}}'.encode())
+    r = await raw_post(
+        api, "/v1/track", f'{{"userId": "u", "event": "e", "x": {literal}}}'.encode()
+    )
     assert_error(r, 400, "invalid_json", literal)
     definition = f'{{"id": "j", "name": "J", "entry": {{"type": "track", "event": "{literal}"}}, "x": {literal}}}'
     r = await api.post("/v1/journeys", content=definition.encode(), headers={**ADMIN, **JSON})
