@@ -119,7 +119,8 @@ async def test_nan_and_infinity_literals_are_refused_everywhere(api, db, literal
         api, "/v1/track", f'{{"userId": "u", "event": "e", "x": {literal}}}'.encode()
     )
     assert_error(r, 400, "invalid_json", literal)
-    definition = f'{{"id": "j", "name": "J", "entry": {{"type": "track", "event": "{literal}"}}, "x": {literal}}}'
+    entry = f'{{"type": "track", "event": "{literal}"}}'
+    definition = f'{{"id": "j", "name": "J", "entry": {entry}, "x": {literal}}}'
     r = await api.post("/v1/journeys", content=definition.encode(), headers={**ADMIN, **JSON})
     assert_error(r, 400, "invalid_json", literal)
     r = await api.put(
