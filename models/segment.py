@@ -18,9 +18,10 @@ from __future__ import annotations
 import json
 import uuid
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic.json_schema import SkipJsonSchema
 
 from models.safe_json import UnsafeJson, find_unsafe
 
@@ -182,3 +183,99 @@ def parse_batch(body: Any) -> list[AcceptedEvent]:
             item = {**item, "context": shared_ctx}
         out.append(parse_event(item, where=f"batch[{i}].", now=now))
     return out
+
+
+# -- OpenAPI description of the calls --------------------------------------------------------
+# Documentation only: the routes read the raw body (gzip, limits, errors naming `batch[3]...`)
+# and validate it with `parse_event` / `parse_batch` above, which stay the contract.
+
+_ID = Field(default=None, max_length=MAX_ID_CHARS, min_length=1)
+_WHO = {"anyOf": [{"required": ["userId"]}, {"required": ["anonymousId"]}]}
+
+
+class _Call(BaseModel):
+    model_config = ConfigDict(extra="allow", json_schema_extra=_WHO)
+
+    userId: str | SkipJsonSchema[None] = _ID
+    anonymousId: str | SkipJsonSchema[None] = _ID
+    messageId: str | SkipJsonSchema[None] = Field(
+        default=None, max_length=MAX_ID_CHARS, description="deduplicates retries"
+    )
+    timestamp: datetime | SkipJsonSchema[None] = Field(
+        default=None, description="ISO-8601; between 2000-01-01 and now + 1 day"
+    )
+    originalTimestamp: datetime | SkipJsonSchema[None] = None
+    sentAt: datetime | SkipJsonSchema[None] = None
+    context: dict[str, Any] | SkipJsonSchema[None] = Field(
+        default=None, description="`context.traits` apply to the profile (identify, track)"
+    )
+    integrations: dict[str, Any] | SkipJsonSchema[None] = None
+    writeKey: str | SkipJsonSchema[None] = Field(
+        default=None, description="instead of HTTP Basic auth"
+    )
+
+
+class TrackCall(_Call):
+    event: str = Field(min_length=1, max_length=MAX_ID_CHARS)
+    properties: dict[str, Any] | SkipJsonSchema[None] = None
+
+
+class IdentifyCall(_Call):
+    traits: dict[str, Any] | SkipJsonSchema[None] = None
+
+
+class PageCall(_Call):
+    name: str | SkipJsonSchema[None] = None
+    properties: dict[str, Any] | SkipJsonSchema[None] = None
+
+
+class ScreenCall(PageCall):
+    pass
+
+
+class GroupCall(_Call):
+    groupId: str = Field(min_length=1, max_length=MAX_ID_CHARS)
+    traits: dict[str, Any] | SkipJsonSchema[None] = None
+
+
+class AliasCall(_Call):
+    model_config = ConfigDict(extra="allow", json_schema_extra={})
+
+    userId: str = Field(min_length=1, max_length=MAX_ID_CHARS)
+    previousId: str = Field(min_length=1, max_length=MAX_ID_CHARS)
+
+
+CALL_MODELS: dict[str, type[_Call]] = {
+    "track": TrackCall,
+    "identify": IdentifyCall,
+    "page": PageCall,
+    "screen": ScreenCall,
+    "group": GroupCall,
+    "alias": AliasCall,
+}
+
+
+def _typed(kind: str, model: type[_Call]) -> type[BaseModel]:
+    """The model as a batch item: with its `type`."""
+    return create_model(
+        f"{model.__name__}Item",
+        __base__=model,
+        type=(Literal[kind], Field()),  # type: ignore[valid-type]
+    )
+
+
+BatchItem = Annotated[
+    Union[tuple(_typed(k, m) for k, m in CALL_MODELS.items())],  # type: ignore[misc]  # noqa: UP007
+    Field(discriminator="type"),
+]
+
+
+class BatchCall(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    batch: list[BatchItem] = Field(max_length=MAX_BATCH_EVENTS)
+    context: dict[str, Any] | SkipJsonSchema[None] = Field(
+        default=None, description="shared by every event"
+    )
+    sentAt: datetime | SkipJsonSchema[None] = None
+    writeKey: str | SkipJsonSchema[None] = None

@@ -13,10 +13,12 @@ from api.errors import ApiError
 from models import safe_json
 from models.public import Accepted
 from models.segment import (
+    CALL_MODELS,
     EVENT_TYPES,
     MAX_BATCH_BYTES,
     MAX_EVENT_BYTES,
     AcceptedEvent,
+    BatchCall,
     InvalidEvent,
     parse_batch,
     parse_event,
@@ -27,12 +29,12 @@ router = APIRouter(prefix="/v1", tags=["events"])
 # Read, decompressed and checked here (not by api.input_guard): errors name `batch[3]...`.
 RAW_BODY_PATHS = frozenset(f"/v1/{kind}" for kind in (*EVENT_TYPES, "batch"))
 
-_DOC_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {"application/json": {"schema": {"type": "object"}}},
-    }
-}
+
+def _doc_body(model: str) -> dict[str, Any]:
+    """The body as OpenAPI shows it (`models.segment` call models, registered as components
+    in `api.main`); the route itself reads the raw body."""
+    schema = {"$ref": f"#/components/schemas/{model}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
 async def _read_json(request: Request, limit: int) -> Any:
@@ -65,7 +67,7 @@ def _auth(request: Request, settings: SettingsDep, body: Any) -> None:
     check_write_key(settings, basic_user(request), key)
 
 
-@router.post("/batch", response_model=Accepted, openapi_extra=_DOC_BODY)
+@router.post("/batch", response_model=Accepted, openapi_extra=_doc_body(BatchCall.__name__))
 async def batch(request: Request, pool: PoolDep, settings: SettingsDep) -> Accepted:
     """Up to 2,500 events / 500 KB; each at most 32 KB. Answers 200 once stored durably."""
     body = await _read_json(request, MAX_BATCH_BYTES)
@@ -98,6 +100,6 @@ for _kind in EVENT_TYPES:
         _single(_kind),
         methods=["POST"],
         response_model=Accepted,
-        openapi_extra=_DOC_BODY,
+        openapi_extra=_doc_body(CALL_MODELS[_kind].__name__),
         name=_kind,
     )
