@@ -36,7 +36,6 @@ from core.temporal import connect
 from models.segment import CALL_MODELS, BatchCall
 from store.db import create_pool
 
-
 ROUTES = (
     events,
     customers,
