@@ -33,7 +33,8 @@ class StoredEvent:
     @property
     def traits(self) -> dict[str, Any]:
         traits = self.payload.get("traits") or {}
-        if self.type != "identify":
+        # track: `context.traits`, merged under `traits` by models.segment.parse_event
+        if self.type not in ("identify", "track"):
             traits = {}
         return traits if isinstance(traits, dict) else {}
 
