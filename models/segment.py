@@ -8,9 +8,10 @@ MAX_CLOCK_SKEW (one day): a date outside that is a client bug, not history, and 
 would be `-infinity`/`infinity` or overflow in PostgreSQL and break routing. Such an event is
 refused (400 naming the field) rather than clamped, so the sender sees its bug.
 
-`context.traits` (where the RudderStack SDK puts identify traits, and which the spec lets
-`track` carry) are merged under the event's `traits` for `identify` and `track`, top-level
-traits winning, so the router applies one `traits` object whatever the client.
+`context.traits` (where the RudderStack SDK puts identify traits) are merged under an
+identify's `traits`, top-level traits winning, so the router applies one `traits` object
+whatever the client. A `track`'s `context.traits` (the spec's way to carry traits on a track)
+are applied by the router (`store.profiles.StoredEvent.traits`); its top-level `traits` are not.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ MAX_ID_CHARS = 512  # messageId, userId, anonymousId, previousId, event name
 TIMESTAMP_MIN = datetime(2000, 1, 1, tzinfo=UTC)
 MAX_CLOCK_SKEW = timedelta(days=1)
 TIME_FIELDS = ("timestamp", "originalTimestamp", "sentAt", "receivedAt")
-TRAITS_FROM_CONTEXT = ("identify", "track")
+TRAITS_FROM_CONTEXT = ("identify",)
 
 
 class InvalidEvent(ValueError):
@@ -91,7 +92,7 @@ def _time(raw: dict[str, Any], key: str, where: str, now: datetime) -> datetime 
 
 
 def _traits(raw: dict[str, Any], typ: str) -> dict[str, Any] | None:
-    """`context.traits` under `traits` (top-level keys win) for identify and track."""
+    """`context.traits` under `traits` (top-level keys win) for identify."""
     context = raw.get("context")
     extra = context.get("traits") if isinstance(context, dict) else None
     if typ not in TRAITS_FROM_CONTEXT or not isinstance(extra, dict) or not extra:

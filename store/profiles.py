@@ -32,9 +32,11 @@ class StoredEvent:
 
     @property
     def traits(self) -> dict[str, Any]:
-        traits = self.payload.get("traits") or {}
-        # track: `context.traits`, merged under `traits` by models.segment.parse_event
-        if self.type not in ("identify", "track"):
+        traits = self.payload.get("traits") or {}  # identify: with context.traits (parse_event)
+        if self.type == "track":  # the spec's `context.traits`; a top-level `traits` is not
+            context = self.payload.get("context")
+            traits = (context.get("traits") if isinstance(context, dict) else None) or {}
+        elif self.type != "identify":
             traits = {}
         return traits if isinstance(traits, dict) else {}
 
