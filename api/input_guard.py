@@ -79,6 +79,11 @@ async def _checked_body(scope: Scope, receive: Receive) -> bytes | None:
     encoding = _header(scope, b"content-encoding")
     if not (is_json or is_form) or encoding not in ("", "identity"):
         return None
+    declared = _header(scope, b"content-length")
+    if declared and not (declared.isascii() and declared.isdigit()):
+        raise _Refused("invalid_request", "Content-Length: not a number")
+    if declared and int(declared) > MAX_BODY_BYTES:  # refused unread, on the header alone
+        raise _Refused("too_large", f"body: exceeds {MAX_BODY_BYTES // 1024} KB")
     body = bytearray()
     more = True
     while more:
