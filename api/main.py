@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -10,13 +12,16 @@ from fastapi import FastAPI
 
 from activities.channels import build_channels
 from api import errors
+from api.access import AccessMiddleware, Keyring
 from api.deps import PoolDep
 from api.routes import (
+    audit,
     contact,
     customers,
     events,
     inbox,
     journeys,
+    keys,
     launches,
     providers,
     reports,
@@ -26,7 +31,7 @@ from api.routes import (
     unsubscribe,
 )
 from core.logs import configure_logging
-from core.settings import Settings, get_settings
+from core.settings import Settings, get_settings, require_secrets
 from core.temporal import connect
 from store.db import create_pool
 
@@ -37,10 +42,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         configure_logging(settings.log_format, settings.log_level)
+        require_secrets(settings, "the API")
         if not settings.database_url or not settings.temporal_address:
             raise RuntimeError("the API needs DATABASE_URL and TEMPORAL_ADDRESS (or `make dev`)")
         app.state.settings = settings
         app.state.pool = await create_pool(settings.database_url, max_size=20)
+        app.state.keyring = Keyring(settings)
+        await app.state.keyring.reload(app.state.pool)
+        watcher = asyncio.create_task(
+            app.state.keyring.watch(
+                app.state.pool, settings.database_url, settings.api_keys_refresh_seconds
+            )
+        )
         app.state.temporal = await connect(settings.temporal_address, settings.temporal_namespace)
         # Test sends go through the same providers as the worker's sends.
         async with httpx.AsyncClient(timeout=settings.provider_timeout) as http:
@@ -49,6 +62,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             for channel in app.state.channels.values():
                 if hasattr(channel, "aclose"):
                     await channel.aclose()
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
         await app.state.pool.close()
 
     app = FastAPI(
@@ -59,6 +75,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     errors.install(app)
+    # Keys, scopes, body limits and the audit log for every route: see api/scopes.py.
+    app.add_middleware(AccessMiddleware)
     app.include_router(events.router)
     app.include_router(customers.router)
     app.include_router(journeys.router)
@@ -71,6 +89,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(providers.router)
     app.include_router(inbox.router)
     app.include_router(reports.router)
+    app.include_router(keys.router)
+    app.include_router(audit.router)
 
     @app.get("/health", tags=["health"])
     async def health(pool: PoolDep) -> dict[str, str]:
