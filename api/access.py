@@ -199,41 +199,38 @@ class AccessMiddleware:
         rule = rule_for(method, template)
         state = fastapi_app.state
         what = f"{method} {template}"
+        audited = (
+            rule is not None and rule.scope in AUDITED and method not in ("GET", "HEAD", "OPTIONS")
+        )
+        caller: Principal | None = None
         try:
             if rule is None:
                 log.error("access.undeclared_route", route=what)
                 raise ApiError(403, "forbidden", f"{what}: no access rule declared for this route")
-            principal = self._authenticate(state.keyring, scope, rule, what)
+            if rule.scope is not None:
+                token = credentials(Request(scope).headers)
+                if token is not None or not rule.key_in_body:
+                    # (Without a header, an event route reads `writeKey` from its body and
+                    # checks it with the same keyring: api.deps.check_write_key.)
+                    caller = state.keyring.authenticate(token or "")
+                    authorize(caller, rule.scope, what)
             if rule.body_limit:
                 receive = await _limited(scope, receive, state.settings.max_request_bytes)
         except ApiError as refused:
+            if audited and caller is not None:  # a known key was refused: worth a record
+                await self._record(state.pool, caller, what, params, refused.status)
             await _answer(refused)(scope, receive, send)
             return
-        scope[PRINCIPAL] = principal
-        token = current_keyring.set(state.keyring)
+        scope[PRINCIPAL] = caller
+        keyring_token = current_keyring.set(state.keyring)
         try:
-            audited = (
-                principal is not None
-                and rule.scope in AUDITED
-                and method not in ("GET", "HEAD", "OPTIONS")
-            )
-            if not audited:
+            if audited and caller is not None:
+                assert rule is not None
+                await self._audited(state.pool, scope, receive, send, rule, caller, what, params)
+            else:
                 await self.app(scope, receive, send)
-                return
-            assert principal is not None
-            await self._audited(state.pool, scope, receive, send, rule, principal, what, params)
         finally:
-            current_keyring.reset(token)
-
-    def _authenticate(
-        self, keyring: Keyring, scope: Scope, rule: Rule, what: str
-    ) -> Principal | None:
-        if rule.scope is None:
-            return None
-        token = credentials(Request(scope).headers)
-        if token is None and rule.key_in_body:
-            return None  # the route reads `writeKey` from the body and checks it
-        return authorize(keyring.authenticate(token or ""), rule.scope, what)
+            current_keyring.reset(keyring_token)
 
     async def _audited(
         self,
@@ -275,9 +272,9 @@ class AccessMiddleware:
         action: str,
         params: dict[str, str],
         status: int,
-        rule: Rule,
-        thing_id: str | None,
-        before: int | None,
+        rule: Rule | None = None,
+        thing_id: str | None = None,
+        before: int | None = None,
     ) -> None:
         fields: dict[str, Any] = {
             "key_id": principal.key_id,
@@ -287,7 +284,7 @@ class AccessMiddleware:
             "before_version": before,
         }
         try:
-            if rule.versions and thing_id:
+            if rule is not None and rule.versions and thing_id:
                 fields["after_version"] = await audit.current_version(pool, rule.versions, thing_id)
                 if "id" not in params:
                     fields["target"] = {**params, "id": thing_id}
