@@ -286,7 +286,7 @@ class AccessMiddleware:
         try:
             if rule is not None and rule.versions and thing_id:
                 fields["after_version"] = await audit.current_version(pool, rule.versions, thing_id)
-                if "id" not in params:
+                if thing_id not in params.values():  # it came from the body
                     fields["target"] = {**params, "id": thing_id}
             await audit.append(pool, **fields)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as err:
