@@ -22,7 +22,7 @@ from activities.launch_activities import LaunchActivities
 from activities.rate_limits import RateLimits, parse_rates
 from activities.router import EventRouter
 from core.logs import configure_logging, get_logger
-from core.settings import Settings, get_settings
+from core.settings import InsecureSecrets, Settings, get_settings, require_secrets
 from core.temporal import connect
 from store.db import create_pool
 from workflows.journey import JourneyWorkflow
@@ -105,6 +105,10 @@ async def running_worker(
 async def main() -> None:
     settings = get_settings()
     configure_logging(settings.log_format, settings.log_level)
+    try:
+        require_secrets(settings, "the worker")
+    except InsecureSecrets as err:
+        raise SystemExit(str(err)) from None
     if not settings.database_url or not settings.temporal_address:
         raise SystemExit("worker.py needs DATABASE_URL and TEMPORAL_ADDRESS (or use `make dev`)")
     pool = await create_pool(settings.database_url, max_size=20)

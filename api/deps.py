@@ -1,4 +1,9 @@
-"""Request dependencies: the pool, the Temporal client, write-key and admin-key auth."""
+"""Request dependencies: the pool, the Temporal client, the caller's key.
+
+Keys and scopes are checked once for every route by `api.access.AccessMiddleware` (the table is
+`api.scopes.ROUTE_SCOPES`); routes never check keys themselves, except the event routes for a
+`writeKey` sent in the body (`check_write_key`, same keyring and scope).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ from fastapi import Depends, Request
 from temporalio.client import Client
 
 from activities.channels import Channel
-from activities.signing import same
+from api.access import PRINCIPAL, Keyring, Principal, authorize, current_keyring
 from api.errors import ApiError
 from core.settings import Settings
 
@@ -50,22 +55,36 @@ def basic_user(request: Request) -> str | None:
 
 
 def check_write_key(settings: Settings, header_key: str | None, body_key: object) -> None:
+    """An event request's key (HTTP Basic `KEY:` or `writeKey`) must hold the `ingest` scope:
+    a bootstrap write key (JOURNEYS_WRITE_KEY) or a stored key with that scope."""
     key = header_key or (body_key if isinstance(body_key, str) else None)
     if not key:
         raise ApiError(401, "unauthorized", "write key required: HTTP Basic `KEY:` or `writeKey`")
-    if not any(same(k, key) for k in settings.write_keys):
+    keyring = current_keyring.get() or Keyring(settings)
+    principal = keyring.authenticate(key)
+    if principal is None:
         raise ApiError(401, "unauthorized", "invalid write key")
+    authorize(principal, "ingest", "events")
 
 
-def require_admin(request: Request, settings: SettingsDep) -> None:
-    header = request.headers.get("authorization", "")
-    scheme, _, value = header.partition(" ")
-    key = value.strip() if scheme.lower() == "bearer" else basic_user(request)
-    if not key or not same(settings.journeys_admin_key, key):
-        raise ApiError(401, "unauthorized", "admin key required: `Authorization: Bearer <key>`")
+def require_authorized(request: Request) -> None:
+    """Fails closed if a route is reached without AccessMiddleware having authorized a key
+    (a public route never depends on this)."""
+    if request.scope.get(PRINCIPAL) is None:
+        raise ApiError(401, "unauthorized", "an API key is required: `Authorization: Bearer <key>`")
 
 
-AdminDep = Depends(require_admin)
+def get_principal(request: Request) -> Principal:
+    principal = request.scope.get(PRINCIPAL)
+    if principal is None:
+        raise ApiError(401, "unauthorized", "an API key is required: `Authorization: Bearer <key>`")
+    return principal
+
+
+# Kept for the route modules that declare it: the scope itself is checked by the middleware.
+require_admin = require_authorized
+AdminDep = Depends(require_authorized)
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
 
 
 async def read_body(request: Request, limit: int) -> bytes:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -14,14 +16,17 @@ from pydantic.json_schema import models_json_schema
 
 from activities.channels import build_channels
 from api import errors
-from api.deps import PoolDep, require_admin
+from api.access import AccessMiddleware, Keyring
+from api.deps import PoolDep
 from api.input_guard import InputGuard
 from api.routes import (
+    audit,
     contact,
     customers,
     events,
     inbox,
     journeys,
+    keys,
     launches,
     providers,
     reports,
@@ -30,8 +35,9 @@ from api.routes import (
     tracking,
     unsubscribe,
 )
+from api.scopes import ROUTE_SCOPES
 from core.logs import configure_logging
-from core.settings import Settings, get_settings
+from core.settings import Settings, get_settings, require_secrets
 from core.temporal import connect
 from models.segment import CALL_MODELS, BatchCall
 from store.db import create_pool
@@ -49,6 +55,8 @@ ROUTES = (
     providers,
     inbox,
     reports,
+    keys,
+    audit,
 )
 
 
@@ -58,10 +66,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         configure_logging(settings.log_format, settings.log_level)
+        require_secrets(settings, "the API")
         if not settings.database_url or not settings.temporal_address:
             raise RuntimeError("the API needs DATABASE_URL and TEMPORAL_ADDRESS (or `make dev`)")
         app.state.settings = settings
         app.state.pool = await create_pool(settings.database_url, max_size=20)
+        app.state.keyring = Keyring(settings)
+        await app.state.keyring.reload(app.state.pool)
+        watcher = asyncio.create_task(
+            app.state.keyring.watch(
+                app.state.pool, settings.database_url, settings.api_keys_refresh_seconds
+            )
+        )
         app.state.temporal = await connect(settings.temporal_address, settings.temporal_namespace)
         # Test sends go through the same providers as the worker's sends.
         async with httpx.AsyncClient(timeout=settings.provider_timeout) as http:
@@ -70,6 +86,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             for channel in app.state.channels.values():
                 if hasattr(channel, "aclose"):
                     await channel.aclose()
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
         await app.state.pool.close()
 
     app = FastAPI(
@@ -81,6 +100,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     errors.install(app)
     app.add_middleware(InputGuard, own_body_paths=events.RAW_BODY_PATHS)
+    # Keys, scopes, body limits and the audit log for every route (outermost): api/scopes.py.
+    app.add_middleware(AccessMiddleware)
     for module in ROUTES:
         app.include_router(module.router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
@@ -113,19 +134,20 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
             "scheme": "basic",
             "description": "the write key as user name, empty password (or `writeKey` in the body)",
         },
-        ADMIN_KEY: {"type": "http", "scheme": "bearer", "description": "JOURNEYS_ADMIN_KEY"},
+        ADMIN_KEY: {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "JOURNEYS_ADMIN_KEY or a scoped key (POST /v1/keys)",
+        },
     }
     for route in (r for module in ROUTES for r in module.router.routes):
         if not isinstance(route, APIRoute) or not route.include_in_schema:
             continue
-        needs = (
-            WRITE_KEY
-            if route.path in events.RAW_BODY_PATHS
-            else ADMIN_KEY
-            if any(d.call is require_admin for d in route.dependant.dependencies)
-            else None
-        )
-        for method in route.methods if needs else ():
+        for method in route.methods:
+            rule = ROUTE_SCOPES.get((method, route.path))
+            if rule is None or rule.scope is None:
+                continue
+            needs = WRITE_KEY if rule.scope == "ingest" else ADMIN_KEY
             schema["paths"][route.path_format][method.lower()]["security"] = [{needs: []}]
     app.openapi_schema = schema
     return schema

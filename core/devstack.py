@@ -104,7 +104,13 @@ def main() -> None:
         providers, sandboxes = _sandbox(settings, data)
         if providers:
             log.info("sandbox.started", folder=str(data / "sandbox"), settings=providers)
-        env = {**os.environ, "DATABASE_URL": db_url, "TEMPORAL_ADDRESS": address, **providers}
+        env = {
+            **os.environ,
+            "JOURNEYS_ENV": "development",  # the dev defaults of core/settings.py are allowed
+            "DATABASE_URL": db_url,
+            "TEMPORAL_ADDRESS": address,
+            **providers,
+        }
         children.append(subprocess.Popen([sys.executable, str(ROOT / "worker.py")], env=env))
         children.append(
             subprocess.Popen(

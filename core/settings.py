@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -11,8 +12,31 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# The fixed values below make `make dev` and the tests work with no configuration; anywhere
+# else they are known to everyone who read this file, so `require_secrets` refuses them.
+DEV_SECRETS = frozenset(
+    {
+        "dev-write-key",
+        "dev-admin-key",
+        "dev-link-secret",
+        "dev-webhook-secret",
+        "dev-sms-token",
+        "dev-push-token",
+    }
+)
+
+
+class InsecureSecrets(RuntimeError):
+    """A secret is empty or a published default outside development; names each variable."""
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+
+    # Where this process runs. Only `development` (`make dev`) and `test` (the test suite) may
+    # use the built-in default secrets; the default is `production` so that a deployment that
+    # forgot to say anything fails closed instead of running with published secrets.
+    journeys_env: Literal["development", "test", "production"] = "production"
 
     database_url: str | None = Field(
         default=None,
@@ -82,9 +106,53 @@ class Settings(BaseSettings):
     # Continue-as-new once the run's history has this many events (server suggests at 4096).
     journey_history_limit: int = 2000
 
+    # Request bodies on every route that does not read (and limit) its own: management
+    # routes, unsubscribe pages. The event routes keep their Segment limits.
+    max_request_bytes: int = 1024 * 1024
+    # API keys stored in PostgreSQL are cached per API process and reloaded on every change
+    # (NOTIFY) and at least this often, in case a notification was missed.
+    api_keys_refresh_seconds: float = 10.0
+
     @property
     def write_keys(self) -> set[str]:
         return {k.strip() for k in self.journeys_write_key.split(",") if k.strip()}
+
+    def insecure_secrets(self) -> list[str]:
+        """Environment variables whose secret is empty or a published default (in use)."""
+        checks: list[tuple[str, list[str]]] = [
+            ("JOURNEYS_WRITE_KEY", self.journeys_write_key.split(",")),
+            ("JOURNEYS_ADMIN_KEY", [self.journeys_admin_key]),
+            ("LINK_SECRET", [self.link_secret]),
+            ("WEBHOOK_SIGNING_SECRET", [self.webhook_signing_secret]),
+        ]
+        # A provider's token only matters when its channel is configured.
+        if self.sms_api_url:
+            checks.append(("SMS_AUTH_TOKEN", [self.sms_auth_token]))
+        if self.push_api_url:
+            checks.append(("PUSH_ACCESS_TOKEN", [self.push_access_token]))
+        return [
+            name
+            for name, values in checks
+            if not any(v.strip() for v in values)
+            or any(v.strip() in DEV_SECRETS for v in values if v.strip())
+        ]
+
+
+def require_secrets(settings: Settings, process: str) -> None:
+    """Refuse to start outside development and tests with an empty or default secret.
+
+    Raises:
+        InsecureSecrets: naming every offending variable, so one restart fixes them all.
+    """
+    if settings.journeys_env != "production":
+        return
+    bad = settings.insecure_secrets()
+    if bad:
+        raise InsecureSecrets(
+            f"{process} refuses to start: {', '.join(bad)} must be set to a secret of your own "
+            "(empty or the published development default); JOURNEYS_ENV=development is only "
+            "for `make dev`"
+        )
 
 
 @lru_cache

@@ -6,7 +6,7 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlmodel import Field, SQLModel
 
 _NOW = sa.text("now()")
@@ -306,3 +306,33 @@ class SendRateWindow(SQLModel, table=True):
         sa_column=sa.Column(sa.DateTime(timezone=True), primary_key=True)
     )
     sent: int
+
+
+class ApiKey(SQLModel, table=True):
+    """An API key: only the SHA-256 of its token is kept; the token is shown once, at creation.
+    Revoked keys stay (the audit log names them)."""
+
+    __tablename__ = "api_keys"
+    id: str = Field(primary_key=True, max_length=32)
+    name: str = Field(max_length=200)
+    scopes: list[str] = Field(sa_column=sa.Column(ARRAY(sa.String()), nullable=False))
+    secret_hash: str = Field(max_length=64)
+    created_by: str = Field(max_length=64)
+    created_at: datetime | None = _ts()
+    revoked_at: datetime | None = _ts(nullable=True, default=False)
+    revoked_by: str | None = Field(default=None, max_length=64)
+
+
+class AuditEntry(SQLModel, table=True):
+    """Append-only record of management actions; a trigger refuses UPDATE and DELETE."""
+
+    __tablename__ = "audit_log"
+    id: int | None = Field(default=None, sa_column=sa.Column(sa.BigInteger, primary_key=True))
+    at: datetime | None = _ts()
+    key_id: str = Field(max_length=64, index=True)
+    action: str = Field(max_length=200, index=True)
+    target: dict[str, Any] = _json()
+    status: int | None = None
+    before_version: int | None = None
+    after_version: int | None = None
+    detail: dict[str, Any] = _json()

@@ -33,9 +33,12 @@ pytest_plugins = ["tests.receiver", "tests.smtp", "tests.providers"]
 TABLES = (
     "events, identities, customers, messages, journey_runs, journey_versions, journeys, "
     "applied_effects, tasks, launches, subscriptions, suppressions, template_versions, templates, "
-    "send_rate_windows"
+    "send_rate_windows, api_keys, audit_log"
 )
 
+# The suite runs with the built-in development secrets (core.settings.require_secrets), and so
+# do the API and worker processes it starts (they inherit this environment).
+os.environ["JOURNEYS_ENV"] = "test"
 configure_logging("console", os.environ.get("TEST_LOG_LEVEL", "WARNING"))
 
 

@@ -130,12 +130,13 @@ async def test_missing_key_is_401(api, db, path):
 
 
 async def test_admin_key_is_not_a_write_key(api, db):
+    # A valid key without the `ingest` scope (api/scopes.py: the admin key has every other).
     r = await api.post("/v1/track", json=ev(), headers=basic(ADMIN_KEY))
-    assert_error(r, 401, "unauthorized")
+    assert_error(r, 403, "forbidden", "ingest")
     r = await api.post("/v1/track", json={**ev(), "writeKey": ADMIN_KEY})
-    assert_error(r, 401, "unauthorized")
+    assert_error(r, 403, "forbidden", "ingest")
     r = await api.post("/v1/track", json=ev(), headers={"Authorization": f"Bearer {ADMIN_KEY}"})
-    assert_error(r, 401, "unauthorized")
+    assert_error(r, 403, "forbidden", "ingest")
     assert await count(db) == 0
 
 
