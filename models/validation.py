@@ -13,10 +13,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from jinja2 import TemplateSyntaxError, meta
-from jinja2.sandbox import SandboxedEnvironment
+from jinja2 import TemplateError, meta
 
 from models.conditions import AllOf, AnyOf, Compare, Not
+from models.template_sandbox import check_source
 
 if TYPE_CHECKING:
     from models.journey import JourneyDefinition, Step
@@ -24,7 +24,6 @@ if TYPE_CHECKING:
 TEMPLATE_VARIABLES = {"profile", "customer", "event", "journey"}
 PRODUCES_RESULTS = {"wait_for", "score", "webhook", "split", "holdout", "send", "wait", "handoff"}
 WAITS = {"wait", "wait_for"}
-_jinja = SandboxedEnvironment()
 
 
 def successors(defn: JourneyDefinition, step: Step) -> set[str]:
@@ -142,7 +141,9 @@ def _strings(value: Any, path: str) -> list[tuple[str, str]]:
 
 
 def check_template_sources(sources: Iterable[tuple[str, str | None]]) -> None:
-    """Every `(field, source)` parses and reads only TEMPLATE_VARIABLES at the top level.
+    """Every `(field, source)` parses, stays within the sandbox's limits where that can be
+    seen without data (`models.template_sandbox.check_source`), and reads only
+    TEMPLATE_VARIABLES at the top level.
 
     Raises:
         ValueError: the first problem, as `<field>: ...` (None sources are skipped).
@@ -151,8 +152,8 @@ def check_template_sources(sources: Iterable[tuple[str, str | None]]) -> None:
         if source is None:
             continue
         try:
-            names = meta.find_undeclared_variables(_jinja.parse(source))
-        except TemplateSyntaxError as err:
+            names = meta.find_undeclared_variables(check_source(source))
+        except TemplateError as err:
             raise ValueError(f"{field}: template error: {err}") from None
         unknown = sorted(names - TEMPLATE_VARIABLES)
         if unknown:
