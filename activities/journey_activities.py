@@ -123,8 +123,15 @@ class JourneyActivities:
         self.ranker = ranker or EngagementRanker()
         # (public base URL, signing secret) for unsubscribe and tracked links in email.
         self.links = links
+        # Webhook steps and hand-off notifications; closed by `aclose` only if opened here.
+        self._owns_http = http is None
         self.http = http or httpx.AsyncClient()
         self.policy = policy or ContactPolicy([])
+
+    async def aclose(self) -> None:
+        """At worker shutdown (worker.JourneyWorker): close the HTTP client this opened."""
+        if self._owns_http:
+            await self.http.aclose()
 
     async def _profile(self, customer_id: str, *, stats: bool) -> ProfileSnapshot:
         # A merged-away customer reads as the survivor it was merged into.
