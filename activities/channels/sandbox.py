@@ -197,9 +197,14 @@ class MailSink:
 
 def serve_smtp(handler: Any, port: int = 0) -> Any:
     """An aiosmtpd server on 127.0.0.1:`port` (0: a free one) in its thread; `.stop()` it."""
+    import logging
     import socket
 
     from aiosmtpd.controller import Controller
+
+    # aiosmtpd logs every connection at INFO (and its own start-up probe): the dev log shows
+    # what was sent through the .eml files instead.
+    logging.getLogger("mail.log").setLevel(logging.WARNING)
 
     if port == 0:
         with socket.socket() as s:
