@@ -139,3 +139,36 @@ def test_the_limits_are_exact_at_the_edge() -> None:
         render("{{ 'a' * n }}{{ 'b' }}", {"n": MAX_RENDER_CHARS})
     steps = MAX_STEPS // 2
     assert render("{% for i in x %}{% endfor %}ok", {"x": list(range(steps))}) == "ok"
+
+
+def test_a_journey_with_a_constant_blow_up_is_refused_at_publish() -> None:
+    from store.journeys import DefinitionError, parse_definition
+
+    steps = [{"id": "boom", "kind": "send", "template": {"body": "{{ (7**23059204) % 10 }}"}}]
+    refused = r"step 'boom': template.body: template error: line 1: 7 \*\* 23059204 is too large"
+    with pytest.raises(DefinitionError, match=refused):
+        parse_definition({"id": "j", "name": "j", "entry": {"event": "E"}, "steps": steps})
+
+
+async def test_a_blow_up_hidden_in_data_fails_that_send_not_the_worker(db, ts_env) -> None:
+    from models.runtime import RunSummary
+    from tests.harness import engine, identify, track
+
+    journey = {
+        "id": "blow_up",
+        "name": "blow up",
+        "entry": {"event": "Started"},
+        "steps": [
+            {"id": "boom", "kind": "send", "template": {"body": "{{ profile.w * profile.n }}"}},
+            {"id": "after", "kind": "send", "template": {"body": "still here"}},
+        ],
+    }
+    async with engine(db, ts_env) as eng:
+        await eng.publish(journey)
+        await eng.send(identify("bu", w="a", n=200_000_000), track("bu", "Started"))
+        handle = await eng.run("blow_up", "bu")
+        assert (await eng.result(handle)).status == "completed"
+        summary = await handle.query("summary", result_type=RunSummary)
+        assert summary.results["boom"]["status"] == "failed"
+        assert "TemplateError" in summary.results["boom"]["error"]
+        assert [m["body"] for m in await eng.messages("bu")] == ["still here"]
