@@ -8,14 +8,17 @@ from __future__ import annotations
 import asyncio
 import signal
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
+import httpx
 from temporalio import activity, workflow
 from temporalio.client import Client
 from temporalio.worker import Worker
 
-from activities.channels import Channel, build_channels
+from activities.channels import Channel, build_channels, close_channels
 from activities.contact_policy import ContactPolicy, parse_caps
 from activities.journey_activities import JourneyActivities
 from activities.launch_activities import LaunchActivities
@@ -31,6 +34,21 @@ from workflows.launch import LaunchWorkflow
 log = get_logger("worker")
 
 
+class JourneyWorker(Worker):
+    """A Worker that closes what its journey activities opened themselves (their HTTP client,
+    when none was passed in) once it has shut down and no activity runs any more."""
+
+    def __init__(self, *args: Any, journey_activities: JourneyActivities, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.journey_activities = journey_activities
+
+    async def shutdown(self) -> None:
+        try:
+            await super().shutdown()
+        finally:
+            await self.journey_activities.aclose()
+
+
 def build_worker(
     client: Client,
     pool: asyncpg.Pool,
@@ -42,35 +60,48 @@ def build_worker(
     links: tuple[str, str] | None = None,
     rates: RateLimits | None = None,
     signing_secret: str | None = None,
-) -> Worker:
+    http: httpx.AsyncClient | None = None,
+) -> JourneyWorker:
+    """`http`: the client for webhook steps and hand-off notifications; the caller keeps
+    ownership of it (and of `channels`). Without one the activities open their own, closed
+    when the worker shuts down."""
     # Ids travel as structured fields (see core.logs), not appended to the message text.
     workflow.logger.workflow_info_on_message = False
     activity.logger.activity_info_on_message = False
     launches = LaunchActivities(pool, client, task_queue=task_queue, history_limit=history_limit)
-    return Worker(
+    journeys = JourneyActivities(
+        pool,
+        http,
+        policy=policy,
+        channels=channels,
+        links=links,
+        rates=rates,
+        signing_secret=signing_secret,
+    )
+    return JourneyWorker(
         client,
         task_queue=task_queue,
         workflows=[JourneyWorkflow, LaunchWorkflow],
-        activities=[
-            *JourneyActivities(
-                pool,
-                policy=policy,
-                channels=channels,
-                links=links,
-                rates=rates,
-                signing_secret=signing_secret,
-            ).all(),
-            *launches.all(),
-        ],
+        activities=[*journeys.all(), *launches.all()],
         max_concurrent_activities=200,
+        journey_activities=journeys,
     )
+
+
+@dataclass(frozen=True)
+class RunningWorker:
+    router: EventRouter
+    channels: dict[str, Channel]
+    activities: JourneyActivities
 
 
 @asynccontextmanager
 async def running_worker(
     client: Client, pool: asyncpg.Pool, settings: Settings
-) -> AsyncIterator[EventRouter]:
-    """Worker + router running together until the context exits."""
+) -> AsyncIterator[RunningWorker]:
+    """Worker + router running together until the context exits. Owns the provider clients:
+    one HTTP client (channels, webhook steps, hand-off notifications) and the channels' SMTP
+    connections, all closed after the worker has shut down."""
     router = EventRouter(
         pool,
         client,
@@ -83,20 +114,27 @@ async def running_worker(
         parse_caps(settings.frequency_cap, settings.channel_frequency_caps),
         consent_default=settings.consent_default,
     )
-    async with build_worker(
-        client,
-        pool,
-        settings.temporal_task_queue,
-        history_limit=settings.journey_history_limit,
-        policy=policy,
-        channels=build_channels(settings),
-        links=(settings.public_url, settings.link_secret),
-        rates=RateLimits(parse_rates(settings.channel_rate_limits)),
-        signing_secret=settings.webhook_signing_secret,
-    ):
+    async with AsyncExitStack() as owned:
+        http = await owned.enter_async_context(httpx.AsyncClient(timeout=settings.provider_timeout))
+        channels = build_channels(settings, http)
+        owned.push_async_callback(close_channels, channels)
+        worker = await owned.enter_async_context(
+            build_worker(
+                client,
+                pool,
+                settings.temporal_task_queue,
+                history_limit=settings.journey_history_limit,
+                policy=policy,
+                channels=channels,
+                links=(settings.public_url, settings.link_secret),
+                rates=RateLimits(parse_rates(settings.channel_rate_limits)),
+                signing_secret=settings.webhook_signing_secret,
+                http=http,
+            )
+        )
         task = asyncio.create_task(router.run(stop))
         try:
-            yield router
+            yield RunningWorker(router, channels, worker.journey_activities)
         finally:
             stop.set()
             await task

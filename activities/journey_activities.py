@@ -58,6 +58,10 @@ _SELECT_MESSAGE = f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE idempotency_ke
 log = structlog.stdlib.get_logger("activities")
 
 
+# Attempts of a hand-off's notify_url (5xx, timeouts) before it is recorded as failed; with
+# the hand-off's retry policy (1 s doubling, at most 1 min apart) that is about 2 minutes.
+NOTIFY_ATTEMPTS = 8
+
 # A provider call gets at least this long; an attempt with less left does not start one.
 MIN_PROVIDER_SECONDS = 2.0
 
@@ -119,8 +123,15 @@ class JourneyActivities:
         self.ranker = ranker or EngagementRanker()
         # (public base URL, signing secret) for unsubscribe and tracked links in email.
         self.links = links
+        # Webhook steps and hand-off notifications; closed by `aclose` only if opened here.
+        self._owns_http = http is None
         self.http = http or httpx.AsyncClient()
         self.policy = policy or ContactPolicy([])
+
+    async def aclose(self) -> None:
+        """At worker shutdown (worker.JourneyWorker): close the HTTP client this opened."""
+        if self._owns_http:
+            await self.http.aclose()
 
     async def _profile(self, customer_id: str, *, stats: bool) -> ProfileSnapshot:
         # A merged-away customer reads as the survivor it was merged into.
@@ -569,21 +580,44 @@ class JourneyActivities:
             details,
         )
         assert row is not None
-        if req.notify_url:
-            body = {"task_id": row["id"], "queue": req.queue, "title": title, "details": details,
-                    "customer_id": req.customer_id, "journey_id": req.journey_id}  # fmt: skip
-            try:
-                resp = await self.http.post(
-                    req.notify_url,
-                    json=body,
-                    headers={"Idempotency-Key": req.idempotency_key},
-                    timeout=10,
-                )
-            except httpx.HTTPError as err:
-                raise ApplicationError(f"task notification failed: {err!r}") from err
-            if resp.status_code >= 400:
-                raise ApplicationError(f"task notification answered {resp.status_code}")
-        return TaskCreated(task_id=row["id"])
+        if not req.notify_url:
+            return TaskCreated(task_id=row["id"])
+        body = {"task_id": row["id"], "queue": req.queue, "title": title, "details": details,
+                "customer_id": req.customer_id, "journey_id": req.journey_id}  # fmt: skip
+        status, error = await self._notify(req.notify_url, body, req.idempotency_key)
+        if error is not None:
+            log.warning(
+                "handoff.notify_failed", step_id=req.step_id, task_id=row["id"], status=status,
+                error=error,
+            )  # fmt: skip
+        return TaskCreated(task_id=row["id"], notify_status=status, notify_error=error)
+
+    async def _notify(
+        self, url: str, body: dict[str, Any], key: str
+    ) -> tuple[int | None, str | None]:
+        """(status, error) of a hand-off notification; error None means delivered. Bounded like
+        the webhook step: a 4xx is an answer (never retried); a 5xx, 408, 429, timeout or
+        connection error raises (Temporal retries with backoff and the same Idempotency-Key)
+        until attempt NOTIFY_ATTEMPTS, which reports the failure instead."""
+        last = not activity.in_activity() or activity.info().attempt >= NOTIFY_ATTEMPTS
+        try:
+            resp = await self.http.post(
+                url, json=body, headers={"Idempotency-Key": key}, timeout=10
+            )
+        except httpx.HTTPError as err:
+            if last:
+                return None, f"notify_url unreachable after {NOTIFY_ATTEMPTS} attempts: {err!r}"
+            raise ApplicationError(
+                f"task notification failed: {err!r}", type="NotifyUnavailable"
+            ) from err
+        status = resp.status_code
+        if status < 400:
+            return status, None
+        if status >= 500 or status in (408, 429):
+            if last:
+                return status, f"notify_url answered {status} ({NOTIFY_ATTEMPTS} attempts)"
+            raise ApplicationError(f"task notification answered {status}", type="NotifyUnavailable")
+        return status, f"notify_url answered {status}"
 
     @activity.defn(name="quiet_hours")
     async def quiet_hours(self, req: QuietRequest) -> WaitResolution:

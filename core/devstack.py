@@ -3,8 +3,13 @@
 PostgreSQL (data in .data/postgres), the Temporal dev server with its UI (history in
 .data/temporal.db), migrations, the example journeys, local stand-ins for the message providers
 unless real ones are configured (mail in .data/sandbox/mail/*.eml, SMS / push / webhook calls in
-.data/sandbox/*.jsonl), then the worker and the API as child processes. Ctrl-C stops
-everything; the next start reuses the data.
+.data/sandbox/*.jsonl), then the worker and the API as child processes.
+
+The children are supervised: one that dies (a crash, an OOM kill) is restarted with backoff
+and logged (`devstack.child_exited`, `devstack.child_restarted`); the others keep running.
+Ctrl-C or SIGTERM stops everything, also while starting, and exits 0; so does the death of
+the parent (`make` killed). The next start reuses the data. DATA_DIR, API_PORT,
+TEMPORAL_PORT, TEMPORAL_UI_PORT, DATABASE_URL and TEMPORAL_ADDRESS choose where it lives.
 """
 
 from __future__ import annotations
@@ -15,6 +20,9 @@ import os
 import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +34,13 @@ from store.db import create_pool, migrate
 from store.journeys import publish_folder
 
 log = get_logger("devstack")
+
+# Restart delays of a child that died (worker, API, embedded Temporal).
+RESTART_MIN_DELAY = 0.5
+RESTART_MAX_DELAY = 30.0
+# A child that ran this long before dying starts its backoff afresh.
+HEALTHY_SECONDS = 60.0
+POLL_SECONDS = 0.2
 
 
 def _lock(data: Path) -> int:
@@ -71,14 +86,78 @@ def _sandbox(settings: Settings, data: Path) -> tuple[dict[str, str], list[Any]]
     return env, servers
 
 
+class _Stop(BaseException):
+    """SIGTERM / SIGINT while the stack is still starting: unwind and clean up."""
+
+
+@dataclass
+class _Supervised:
+    """A child process that is restarted when it dies: after RESTART_MIN_DELAY, doubling
+    while it keeps dying within HEALTHY_SECONDS of its start, up to RESTART_MAX_DELAY."""
+
+    name: str
+    spawn: Callable[[], subprocess.Popen[bytes]]
+    proc: subprocess.Popen[bytes] | None = None
+    started: float = 0.0
+    failures: int = 0
+    restart_at: float | None = None
+
+    def start(self) -> None:
+        self.proc = self.spawn()
+        self.started = time.monotonic()
+        self.restart_at = None
+
+    def check(self) -> None:
+        """Notice a death (schedule the restart) or restart when its delay has passed."""
+        now = time.monotonic()
+        if self.restart_at is not None:
+            if now >= self.restart_at:
+                self.start()
+                log.warning("devstack.child_restarted", child=self.name, pid=self.proc.pid)
+            return
+        assert self.proc is not None
+        code = self.proc.poll()
+        if code is None:
+            return
+        self.failures = self.failures + 1 if now - self.started < HEALTHY_SECONDS else 1
+        delay = min(RESTART_MIN_DELAY * 2 ** (self.failures - 1), RESTART_MAX_DELAY)
+        self.restart_at = now + delay
+        log.error("devstack.child_exited", child=self.name, code=code, restart_in=delay)
+
+    def terminate(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+
+    def wait(self) -> None:
+        if self.proc is None:
+            return
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
 def main() -> None:
     settings = get_settings()
     configure_logging("console" if sys.stderr.isatty() else settings.log_format)
+    # SIGTERM stops the stack as Ctrl-C does: while starting, by unwinding through the
+    # clean-up below; once running, at the next turn of the supervision loop.
+    state = {"running": False, "stop": False}
+
+    def _on_signal(signum: int, _frame: object) -> None:
+        if not state["running"]:
+            raise _Stop(signum)
+        state["stop"] = True
+
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+    parent = os.getppid()
     data = settings.data_dir
     _lock_fd = _lock(data)
     if port_in_use(settings.api_port):
         raise SystemExit(f"port {settings.api_port} (API_PORT) is already in use")
-    children: list[subprocess.Popen[bytes]] = []
+    children: list[_Supervised] = []
     sandboxes: list[Any] = []
     pg = None
     try:
@@ -88,15 +167,18 @@ def main() -> None:
             log.info("postgres.started", datadir=str(data / "postgres"))
         address = settings.temporal_address
         if not address:
-            children.append(
-                start_temporal(
+            temporal = _Supervised(
+                "temporal",
+                lambda: start_temporal(
                     data / "temporal.db",
                     port=settings.temporal_port,
                     ui_port=settings.temporal_ui_port,
                     namespace=settings.temporal_namespace,
                     log=data / "temporal.log",
-                )
+                ),
             )
+            children.append(temporal)
+            temporal.start()
             address = f"127.0.0.1:{settings.temporal_port}"
             log.info("temporal.started", address=address)
         published = asyncio.run(_prepare(db_url, address, settings.temporal_namespace))
@@ -111,70 +193,71 @@ def main() -> None:
             "TEMPORAL_ADDRESS": address,
             **providers,
         }
-        children.append(subprocess.Popen([sys.executable, str(ROOT / "worker.py")], env=env))
-        children.append(
-            subprocess.Popen(
-                [
-                    find_binary("uvicorn"),
-                    "api.main:app",
-                    "--host",
-                    settings.api_host,
-                    "--port",
-                    str(settings.api_port),
-                    "--no-access-log",
-                ],
-                env=env,
-                cwd=ROOT,
-            )
-        )
-        api = f"http://{settings.api_host}:{settings.api_port}"
-        ui = (
-            f"http://127.0.0.1:{settings.temporal_ui_port}"
-            if not settings.temporal_address
-            else "(external Temporal: its own UI)"
-        )
-        messages = (
-            f"  Messages     {data / 'sandbox'} (local providers: mail/*.eml, sms.jsonl, "
-            "push.jsonl, webhook.jsonl)\n"
-            if providers
-            else ""
-        )
-        print(
-            f"\n  API docs     {api}/docs\n  Temporal UI  {ui}\n  Write key    "
-            f"{settings.journeys_write_key}\n  Admin key    {settings.journeys_admin_key}\n"
-            f"{messages}"
-            f"  Try:  curl -u {settings.journeys_write_key}: {api}/v1/track -H "
-            '\'content-type: application/json\' -d \'{"userId":"u1","event":"Product Added",'
-            '"properties":{"name":"Mug"}}\'\n\n  Ctrl-C stops everything.\n',
-            flush=True,
-        )
-        stop = {"now": False}
-
-        def _stop(*_: object) -> None:
-            stop["now"] = True
-
-        signal.signal(signal.SIGINT, _stop)
-        signal.signal(signal.SIGTERM, _stop)
-        while not stop["now"]:
+        api_cmd = [
+            find_binary("uvicorn"),
+            "api.main:app",
+            "--host",
+            settings.api_host,
+            "--port",
+            str(settings.api_port),
+            "--no-access-log",
+        ]
+        children += [
+            _Supervised(
+                "worker",
+                lambda: subprocess.Popen([sys.executable, str(ROOT / "worker.py")], env=env),
+            ),
+            _Supervised("api", lambda: subprocess.Popen(api_cmd, env=env, cwd=ROOT)),
+        ]
+        for child in children[-2:]:
+            child.start()
+        _banner(settings, data, bool(providers))
+        state["running"] = True
+        while not state["stop"]:
             for child in children:
-                if child.poll() is not None:
-                    log.error("devstack.child_exited", cmd=child.args[:2], code=child.returncode)
-                    stop["now"] = True
-            signal.sigtimedwait([signal.SIGINT, signal.SIGTERM], 0.5)
+                child.check()
+            if os.getppid() != parent:  # `make` was killed: nobody would stop us any more
+                log.warning("devstack.parent_gone")
+                break
+            time.sleep(POLL_SECONDS)
+    except (_Stop, KeyboardInterrupt):
+        log.info("devstack.stopping")
     finally:
+        state["running"] = True  # a second signal no longer interrupts the clean-up
         for child in reversed(children):
-            if child.poll() is None:
-                child.terminate()
+            child.terminate()
         for child in reversed(children):
-            try:
-                child.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                child.kill()
+            child.wait()
         for server in sandboxes:
             server.shutdown() if hasattr(server, "shutdown") else server.stop()
         if pg is not None:
             pg.cleanup()  # cleanup_mode="stop": stops the server, keeps the data
         log.info("devstack.stopped")
+
+
+def _banner(settings: Settings, data: Path, providers: bool) -> None:
+    api = f"http://{settings.api_host}:{settings.api_port}"
+    ui = (
+        f"http://127.0.0.1:{settings.temporal_ui_port}"
+        if not settings.temporal_address
+        else "(external Temporal: its own UI)"
+    )
+    messages = (
+        f"  Messages     {data / 'sandbox'} (local providers: mail/*.eml, sms.jsonl, "
+        "push.jsonl, webhook.jsonl)\n"
+        if providers
+        else ""
+    )
+    print(
+        f"\n  API docs     {api}/docs\n  Temporal UI  {ui}\n  Write key    "
+        f"{settings.journeys_write_key}\n  Admin key    {settings.journeys_admin_key}\n"
+        f"{messages}"
+        f"  Try:  curl -u {settings.journeys_write_key}: {api}/v1/track -H "
+        '\'content-type: application/json\' -d \'{"userId":"u1","event":"Product Added",'
+        '"properties":{"name":"Mug"}}\'\n\n  Ctrl-C (or SIGTERM) stops everything; a worker or '
+        "API that dies is restarted.\n",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

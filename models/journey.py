@@ -284,7 +284,10 @@ class WebhookStep(_Step):
 class HandoffStep(_Step):
     """Hand the customer to a human: a task in a queue (`GET /v1/tasks`), optionally POSTed to
     `notify_url`; with `wait`, the run holds until the task is closed (`POST
-    /v1/tasks/{id}/close`) or `timeout` passes (then `on_timeout`)."""
+    /v1/tasks/{id}/close`) or `timeout` passes (then `on_timeout`). The notification is bounded
+    like the webhook step: a 4xx goes to `on_error` (default: on as usual, the failure recorded
+    in `results.<step id>.notify`); 5xx and timeouts are retried with backoff, then recorded the
+    same way. The task exists in every case."""
 
     kind: Literal["handoff"]
     queue: str = Field(pattern=r"^[a-z0-9][a-z0-9_\-]*$", max_length=64)
@@ -295,11 +298,14 @@ class HandoffStep(_Step):
     timeout: Duration | None = None
     next: str | None = None
     on_timeout: str | None = None
+    on_error: str | None = Field(default=None, description="where to go if notify_url fails")
 
     @model_validator(mode="after")
     def _timeout_with_wait(self) -> HandoffStep:
         if (self.timeout is not None or self.on_timeout is not None) and not self.wait:
             raise ValueError("timeout and on_timeout go with wait: true")
+        if self.on_error is not None and self.notify_url is None:
+            raise ValueError("on_error goes with notify_url")
         return self
 
 
@@ -425,5 +431,5 @@ def _targets(step: Step) -> list[tuple[str, str | None]]:
     if isinstance(step, WebhookStep):
         return [("next", step.next), ("on_error", step.on_error)]
     if isinstance(step, HandoffStep):
-        return [("next", step.next), ("on_timeout", step.on_timeout)]
+        return [("next", step.next), ("on_timeout", step.on_timeout), ("on_error", step.on_error)]
     return [("next", getattr(step, "next", None))]

@@ -253,7 +253,12 @@ class TaskRequest(BaseModel):
 
 
 class TaskCreated(BaseModel):
+    """`notify_status` / `notify_error`: how the `notify_url` answered (None: no URL);
+    `notify_error` set means the notification failed for good (a 4xx, or retries used up)."""
+
     task_id: int
+    notify_status: int | None = None
+    notify_error: str | None = None
 
 
 class TaskClosed(BaseModel):

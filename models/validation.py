@@ -14,10 +14,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from jinja2 import TemplateSyntaxError, meta
-from jinja2.sandbox import SandboxedEnvironment
+from jinja2 import TemplateError, meta
 
 from models.conditions import AllOf, AnyOf, Compare, Not
+from models.template_sandbox import check_source
 
 if TYPE_CHECKING:
     from models.journey import JourneyDefinition, Step
@@ -28,7 +28,6 @@ WAITS = {"wait", "wait_for"}
 # A journey is read by people; hundreds of steps is already a generated one. The cap keeps
 # validation (and every run's workflow state) bounded.
 MAX_STEPS = 500
-_jinja = SandboxedEnvironment()
 
 
 def successors(defn: JourneyDefinition, step: Step) -> set[str]:
@@ -158,7 +157,9 @@ def _strings(value: Any, path: str) -> list[tuple[str, str]]:
 
 
 def check_template_sources(sources: Iterable[tuple[str, str | None]]) -> None:
-    """Every `(field, source)` parses and reads only TEMPLATE_VARIABLES at the top level.
+    """Every `(field, source)` parses, stays within the sandbox's limits where that can be
+    seen without data (`models.template_sandbox.check_source`), and reads only
+    TEMPLATE_VARIABLES at the top level.
 
     Raises:
         ValueError: the first problem, as `<field>: ...` (None sources are skipped).
@@ -167,8 +168,8 @@ def check_template_sources(sources: Iterable[tuple[str, str | None]]) -> None:
         if source is None:
             continue
         try:
-            names = meta.find_undeclared_variables(_jinja.parse(source))
-        except TemplateSyntaxError as err:
+            names = meta.find_undeclared_variables(check_source(source))
+        except TemplateError as err:
             raise ValueError(f"{field}: template error: {err}") from None
         unknown = sorted(names - TEMPLATE_VARIABLES)
         if unknown:

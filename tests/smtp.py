@@ -20,14 +20,19 @@ TOO_BIG = "big@example.com"  # 552 at DATA
 
 @dataclass
 class Recorder:
-    """Accepts every recipient but the ones above and records each delivered envelope."""
+    """Accepts every recipient but the ones above and those given an answer in `rcpt_replies`
+    (address → the whole reply line, e.g. "550 5.1.1 user unknown"), and records each
+    delivered envelope."""
 
     envelopes: list[Any] = field(default_factory=list)
     peers: list[Any] = field(default_factory=list)
+    rcpt_replies: dict[str, str] = field(default_factory=dict)
 
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: Any
     ) -> str:
+        if address in self.rcpt_replies:
+            return self.rcpt_replies[address]
         if address == REFUSED:
             return "550 mailbox unavailable"
         if address == BUSY:

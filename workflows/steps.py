@@ -422,6 +422,15 @@ async def handoff(run: JourneyWorkflow, step: HandoffStep) -> str:
         )
         task = created.task_id
         st.results[step.id] = {"task_id": task, "queue": step.queue}
+        if step.notify_url is not None:
+            notify: dict[str, Any] = {"ok": created.notify_error is None}
+            notify["status"] = created.notify_status
+            if created.notify_error is not None:
+                notify["error"] = created.notify_error
+            st.results[step.id]["notify"] = notify
+            if created.notify_error is not None and step.on_error is not None:
+                run.outcome = f"task {task}, notify failed"
+                return _after(run, step, step.on_error)
         if step.wait and step.timeout is not None:
             st.step_deadline = workflow.now() + parse_duration(step.timeout)
             run.publish_position()

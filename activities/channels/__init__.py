@@ -105,9 +105,30 @@ class StoredChannel:
         return Delivery(status="sent", provider_id=message.idempotency_key)
 
 
+async def close_channels(channels: dict[str, Channel]) -> None:
+    """Close what the channels hold open: pooled SMTP connections (`aclose`), and the HTTP
+    client `build_channels` opened itself when it was given none. A client passed to
+    `build_channels` stays its caller's to close."""
+    for channel in channels.values():
+        close = getattr(channel, "aclose", None)
+        if close is not None:
+            await close()
+    for client in {id(c): c for c in _owned_clients if _uses(channels, c)}.values():
+        _owned_clients.remove(client)
+        await client.aclose()
+
+
+def _uses(channels: dict[str, Channel], client: Any) -> bool:
+    return any(getattr(c, "http", None) is client for c in channels.values())
+
+
+# HTTP clients build_channels opened (no client given): close_channels closes them.
+_owned_clients: list[Any] = []
+
+
 def build_channels(settings: Any, http: Any = None) -> dict[str, Channel]:
     """The channels this deployment has: outbox and in-app always; email, SMS, push and webhook
-    when their provider is configured."""
+    when their provider is configured. Close them with `close_channels` at shutdown."""
     channels: dict[str, Channel] = {
         "outbox": StoredChannel("outbox"),
         "in_app": StoredChannel("in_app"),
@@ -131,7 +152,10 @@ def build_channels(settings: Any, http: Any = None) -> dict[str, Channel]:
 
         from activities.channels import http as providers
 
-        client = http or httpx.AsyncClient(timeout=settings.provider_timeout)
+        client = http
+        if client is None:
+            client = httpx.AsyncClient(timeout=settings.provider_timeout)
+            _owned_clients.append(client)
         if settings.sms_api_url:
             channels["sms"] = providers.SmsChannel(
                 client,

@@ -10,16 +10,20 @@ server accepted the message (250 after DATA) but the worker crashed or lost the 
 before the outcome was recorded. The retry sends again, with the same Message-ID; a receiver
 that deduplicates on Message-ID shows it once, one that does not shows it twice.
 
-Errors: a 5xx refusal of the recipient is a hard bounce (`PermanentDeliveryError`, the address
-is suppressed); a 5xx refusal of the message (size, content) fails that message only.
-Everything else (4xx, connection
-errors, timeouts, and also 5xx answers about our own setup: authentication, sender, HELO)
-raises the aiosmtplib / OS error unchanged, so the activity retries.
+Errors: a 5xx refusal of the recipient is classified by its enhanced status code (RFC 3463,
+`refusal_kind`): about the address (5.1.x but the sender's 5.1.7 / 5.1.8, and 5.2.1 mailbox
+disabled) it is a hard bounce (`PermanentDeliveryError`, the address is suppressed); about our
+own setup (5.7.x relay denied, authentication, policy; the sender's 5.1.7 / 5.1.8) it is
+`ProviderUnavailable` (retried, nothing suppressed: an operator fixes it); any other 5xx fails
+that message only. A 5xx refusal of the message at DATA (size, content) fails that message
+only. Everything else (4xx, connection errors, timeouts, 5xx answers to our login, MAIL FROM
+or HELO) raises the aiosmtplib / OS error unchanged, so the activity retries.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from email import policy
 from email.message import EmailMessage
@@ -27,11 +31,25 @@ from email.utils import formatdate, parseaddr
 
 import aiosmtplib
 
-from activities.channels import Delivery, PermanentDeliveryError, RenderedMessage
+from activities.channels import (
+    Delivery,
+    PermanentDeliveryError,
+    ProviderUnavailable,
+    RenderedMessage,
+)
 
 __all__ = ["EmailChannel", "PermanentDeliveryError", "message_id_for"]
 
 IDEMPOTENCY_HEADER = "X-Journeys-Idempotency-Key"
+_ENHANCED = re.compile(r"^\s*([245])\.(\d{1,3})\.(\d{1,3})(?!\S)")
+# Without an enhanced code: the RFC 5321 wording of a missing mailbox, and the usual variants.
+_NO_MAILBOX = re.compile(
+    r"mailbox (unavailable|not found|does not exist)|no such (user|mailbox|recipient)|"
+    r"user unknown|unknown (user|recipient|mailbox)|(user|recipient|address) (does not exist|"
+    r"not found)|invalid (recipient|mailbox)",
+    re.IGNORECASE,
+)
+_OURS = re.compile(r"relay|auth|polic|spam|block|denied|reject|sender", re.IGNORECASE)
 _POLICY = policy.SMTP.clone(max_line_length=998)
 
 
@@ -39,6 +57,41 @@ def message_id_for(idempotency_key: str, sender_domain: str) -> str:
     """The Message-ID of every attempt of one send: `<sha256(key)[:32]@domain>`."""
     digest = hashlib.sha256(idempotency_key.encode()).hexdigest()[:32]
     return f"<{digest}@{sender_domain}>"
+
+
+def refusal_kind(code: int, message: str) -> str:
+    """What a 5xx RCPT refusal is about: "address" (suppress it), "ours" (our relay, login,
+    sender or reputation: retry), or "message" (fail this message only).
+
+    By the enhanced status code (RFC 3463) when the reply has one of the same class; without
+    one, conservatively: 550 / 551 / 553 whose text says the mailbox does not exist (and says
+    nothing of relaying, authentication, policy or the sender) are about the address, anything
+    else fails only this message. An address is never suppressed on a guess.
+    """
+    m = _ENHANCED.match(message)
+    if m and int(m.group(1)) == code // 100:
+        subject, detail = int(m.group(2)), int(m.group(3))
+        if subject == 1 and detail in (7, 8):  # the sender's address or system
+            return "ours"
+        if subject == 1 or (subject, detail) == (2, 1):
+            return "address"
+        if subject == 7:  # security or policy: relay denied, authentication, DMARC...
+            return "ours"
+        return "message"
+    if code in (550, 551, 553) and _NO_MAILBOX.search(message) and not _OURS.search(message):
+        return "address"
+    return "message"
+
+
+def _refused(code: int, message: str, recipient: str) -> Exception:
+    kind = refusal_kind(code, message)
+    if kind == "ours":
+        return ProviderUnavailable(
+            f"email server refused recipient {recipient} for a reason about our setup: "
+            f"{code} {message}",
+            not_sent=True,
+        )
+    return PermanentDeliveryError(code, message, recipient, suppress=kind == "address")
 
 
 class EmailChannel:
@@ -169,14 +222,12 @@ class EmailChannel:
             # One recipient, so one refusal; permanent only if it is a 5xx.
             refusal = err.recipients[0] if err.recipients else None
             if refusal is not None and refusal.code >= 500:
-                raise PermanentDeliveryError(
-                    refusal.code, refusal.message, refusal.recipient
-                ) from err
+                raise _refused(refusal.code, refusal.message, refusal.recipient) from err
             raise
         except aiosmtplib.SMTPRecipientRefused as err:
             smtp.close()
             if err.code >= 500:
-                raise PermanentDeliveryError(err.code, err.message, recipient) from err
+                raise _refused(err.code, err.message, recipient) from err
             raise
         except aiosmtplib.SMTPDataError as err:
             smtp.close()

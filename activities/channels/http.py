@@ -13,7 +13,8 @@ Answers:
 - 5xx, 401/403 (credentials), 404 (a wrong URL, unless the provider says the recipient is
   unknown), 408, 409 (key in use by an attempt still running), 425, 3xx, timeouts and
   connection errors: `ProviderUnavailable` or the httpx error, retried with backoff.
-- A refusal about the recipient (Twilio 21211/21614, FCM UNREGISTERED / invalid token):
+- A refusal about the recipient (Twilio 21211/21614, FCM UNREGISTERED / SENDER_ID_MISMATCH /
+  invalid token):
   `PermanentDeliveryError`, a hard bounce that suppresses the address.
 - Other 4xx (a request the provider will never accept): `PermanentDeliveryError` without
   suppression; only this message fails.
@@ -51,11 +52,27 @@ def _twilio_bad_number(status: int, detail: dict[str, Any]) -> bool:
     return status == 400 and detail.get("code") in TWILIO_BAD_NUMBER
 
 
+def _fcm_error_code(detail: dict[str, Any]) -> str | None:
+    """FCM v1's `error.details[].errorCode` (or a bare `error` string, as older stand-ins)."""
+    error = detail.get("error")
+    if isinstance(error, str):
+        return error
+    if isinstance(error, dict):
+        for item in error.get("details") or []:
+            if isinstance(item, dict) and isinstance(item.get("errorCode"), str):
+                return item["errorCode"]
+    return None
+
+
 def _fcm_bad_token(status: int, detail: dict[str, Any]) -> bool:
+    """UNREGISTERED (404: the app was uninstalled) and SENDER_ID_MISMATCH (403: the token
+    belongs to another sender) are about the token; any other 403 is about our project or
+    credentials and stays retryable."""
+    code = _fcm_error_code(detail)
+    if (status, code) in ((404, "UNREGISTERED"), (403, "SENDER_ID_MISMATCH")):
+        return True
     text = json.dumps(detail)
-    return (status == 404 and "UNREGISTERED" in text) or (
-        status == 400 and "INVALID_ARGUMENT" in text and "token" in text.lower()
-    )
+    return status == 400 and "INVALID_ARGUMENT" in text and "token" in text.lower()
 
 
 def _check(

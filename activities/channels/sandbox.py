@@ -29,6 +29,23 @@ PUSH_TOKEN = "push-token"
 WEBHOOK_SECRET = "hook-secret"
 INVALID_NUMBER = "+15005550001"  # Twilio's magic "invalid number": 400, code 21211
 UNREGISTERED = "unregistered-device"  # FCM: 404 UNREGISTERED
+SENDER_MISMATCH = "other-senders-device"  # FCM: 403 SENDER_ID_MISMATCH (about the token)
+FORBIDDEN_PROJECT = "forbidden-device"  # FCM: 403 PERMISSION_DENIED (about our project)
+
+
+def fcm_error(status: int, grpc_status: str, error_code: str | None, message: str) -> dict:
+    """An FCM HTTP v1 error body (`error.details[].errorCode` names the FCM error)."""
+    details = []
+    if error_code:
+        details.append(
+            {
+                "@type": "type.googleapis.com/google.firebase.fcm.v1.FcmError",
+                "errorCode": error_code,
+            }
+        )
+    return {
+        "error": {"code": status, "message": message, "status": grpc_status, "details": details}
+    }
 
 
 @dataclass
@@ -102,6 +119,12 @@ def _handler(p: Provider) -> type[BaseHTTPRequestHandler]:
                 msg = json.loads(raw)["message"]
                 if msg.get("token") == UNREGISTERED:
                     return 404, {"error": "UNREGISTERED", "message": "token not registered"}, None
+                if msg.get("token") == SENDER_MISMATCH:
+                    body = fcm_error(403, "PERMISSION_DENIED", "SENDER_ID_MISMATCH", "mismatch")
+                    return 403, body, None
+                if msg.get("token") == FORBIDDEN_PROJECT:
+                    body = fcm_error(403, "PERMISSION_DENIED", None, "permission denied")
+                    return 403, body, None
                 name = f"{path.removesuffix(':send')}/{n}"
                 return 200, {"name": name}, {"kind": "push", "name": name, **msg}
             if path.startswith("/hooks/reject"):  # a receiver that will never take it
@@ -174,9 +197,14 @@ class MailSink:
 
 def serve_smtp(handler: Any, port: int = 0) -> Any:
     """An aiosmtpd server on 127.0.0.1:`port` (0: a free one) in its thread; `.stop()` it."""
+    import logging
     import socket
 
     from aiosmtpd.controller import Controller
+
+    # aiosmtpd logs every connection at INFO (and its own start-up probe): the dev log shows
+    # what was sent through the .eml files instead.
+    logging.getLogger("mail.log").setLevel(logging.WARNING)
 
     if port == 0:
         with socket.socket() as s:

@@ -113,3 +113,34 @@ def test_signature_rejects_altered_bodies_and_replays():
         verify_signature("s3cret", header, body, now=now + 301)
     with pytest.raises(BadSignature, match="missing"):
         verify_signature("s3cret", None, body)
+
+
+async def test_worker_shutdown_closes_provider_clients_and_smtp_connections(
+    db, pg_url, ts_env, provider, smtp
+):
+    """The worker's HTTP clients (channels, webhook / hand-off calls) and pooled SMTP
+    connections are closed when it shuts down, not left to the garbage collector."""
+    import uuid
+
+    from activities.channels.sandbox import provider_settings
+    from core.settings import Settings
+    from worker import running_worker
+
+    recorder, port = smtp
+    settings = Settings(
+        database_url=pg_url,
+        temporal_task_queue=f"tq-{uuid.uuid4().hex[:8]}",
+        smtp_host="127.0.0.1",
+        smtp_port=port,
+        **provider_settings(provider),
+    )
+    async with running_worker(ts_env.client, db, settings) as running:
+        channels = running.channels
+        await channels["sms"].deliver(_msg("+15550003333"))
+        await channels["email"].deliver(_msg("ann@example.com", channel="email", subject="hi"))
+        ((smtp_conn, _),) = channels["email"]._idle  # kept for reuse while the worker runs
+        clients = {id(c): c for c in (channels["sms"].http, running.activities.http)}
+        assert smtp_conn.is_connected and not any(c.is_closed for c in clients.values())
+    assert all(c.is_closed for c in clients.values())
+    assert not smtp_conn.is_connected and channels["email"]._idle == []
+    assert len(recorder.envelopes) == 1 and len(provider.by_kind("sms")) == 1
