@@ -14,6 +14,7 @@ from api.deps import PoolDep
 from api.routes import (
     contact,
     customers,
+    dead_letters,
     events,
     inbox,
     journeys,
@@ -71,6 +72,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(providers.router)
     app.include_router(inbox.router)
     app.include_router(reports.router)
+    app.include_router(dead_letters.router)
 
     @app.get("/health", tags=["health"])
     async def health(pool: PoolDep) -> dict[str, str]:

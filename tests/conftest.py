@@ -33,7 +33,7 @@ pytest_plugins = ["tests.receiver", "tests.smtp", "tests.providers"]
 TABLES = (
     "events, identities, customers, messages, journey_runs, journey_versions, journeys, "
     "applied_effects, tasks, launches, subscriptions, suppressions, template_versions, templates, "
-    "send_rate_windows"
+    "send_rate_windows, dead_letters"
 )
 
 configure_logging("console", os.environ.get("TEST_LOG_LEVEL", "WARNING"))

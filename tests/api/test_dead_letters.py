@@ -10,9 +10,7 @@ from tests.harness import ADMIN, identify, track
 async def test_dead_letters_are_listed_read_and_replayed(desk):
     eng, api = desk
     await eng.publish(GREETER)
-    bad = [
-        await insert_raw(eng, track(f"dl-{i}", "Started"), "'-infinity'") for i in range(3)
-    ]
+    bad = [await insert_raw(eng, track(f"dl-{i}", "Started"), "'-infinity'") for i in range(3)]
     await eng.send(identify("dl-ok"), track("dl-ok", "Started"))
 
     assert (await api.get("/v1/dead-letters")).status_code == 401

@@ -181,7 +181,7 @@ def _anon(anon: str, kind: str = "identify", **fields: Any) -> dict[str, Any]:
 
 
 async def test_a_merge_does_not_wait_for_a_run_stuck_in_a_send(provider_down):
-    eng, api, up = provider_down
+    eng, _api, up = provider_down
     # Two profiles of one person, each in the journey, each stuck sending its email.
     await eng.send(identify("dup", email="dup@example.com"), track("dup", "Started"))
     await eng.send(
@@ -240,4 +240,3 @@ async def test_archive_with_exit_does_not_hang_either(provider_down):
     handle = await eng.run("mailer", "arch")
     result = await asyncio.wait_for(handle.result(result_type=JourneyRunResult), timeout=120)
     assert result.status == "exited"
-

@@ -4,7 +4,6 @@ send, and events that can never be routed (dev server, in-process engine)."""
 from __future__ import annotations
 
 import asyncio
-import json
 import uuid
 from typing import Any
 
@@ -13,6 +12,7 @@ import pytest
 
 import activities.router as router_module
 import store.profiles as profiles_module
+from activities.contact_policy import ContactPolicy
 from activities.journey_activities import JourneyActivities
 from models.segment import parse_event
 from tests.conftest import eventually
@@ -109,7 +109,7 @@ async def test_a_merge_waits_for_a_send_holding_the_contact_lock(eng):
                            "messageId": f"m-{uuid.uuid4()}"})  # fmt: skip
     async with eng.pool.acquire() as conn, conn.transaction():
         # What a send to the merged-away customer holds while it checks the caps.
-        await conn.execute("SELECT pg_advisory_xact_lock(hashtext('contact:' || $1))", loser)
+        await ContactPolicy([]).lock(conn, loser)
         routing = asyncio.create_task(_route_all(eng))
 
         async def merge_waits() -> bool:
@@ -140,13 +140,13 @@ async def insert_raw(eng: Engine, event: dict[str, Any], timestamp_sql: str) -> 
     row = parse_event(event).model_dump()
     return await eng.pool.fetchval(
         "INSERT INTO events (message_id, type, event, user_id, anonymous_id, timestamp, "
-        f"payload) VALUES ($1, $2, $3, $4, $5, {timestamp_sql}, $6::jsonb) RETURNING id",
+        f"payload) VALUES ($1, $2, $3, $4, $5, {timestamp_sql}, $6) RETURNING id",
         row["message_id"],
         row["type"],
         row["event"],
         row["user_id"],
         row["anonymous_id"],
-        json.dumps(row["payload"]),
+        row["payload"],
     )
 
 
