@@ -91,7 +91,7 @@ async def test_pause_exit_reaches_a_run_that_continued_as_new(small_history):
     assert r.status_code == 200, r.text
     assert r.json()["runs_affected"] == 1
     handle = await eng.run("pinger", "can1")
-    result = await handle.result(result_type=JourneyRunResult)
+    result = await handle.result()
     assert result.status == "exited"
     before = await _pongs(eng, "can1")
     await eng.send(track("can1", "Ping"))
@@ -118,7 +118,7 @@ async def test_steer_and_live_view_reach_a_run_that_continued_as_new(small_histo
     )
     assert r.status_code == 200, r.text
     assert r.json()["status"] == "exited"
-    result = await (await eng.run("pinger", "can2")).result(result_type=JourneyRunResult)
+    result = await (await eng.run("pinger", "can2")).result()
     assert (result.status, result.exit_reason) == ("exited", "operator: support")
 
 
@@ -192,7 +192,9 @@ async def test_a_merge_does_not_wait_for_a_run_stuck_in_a_send(provider_down):
     loser = await eng.customer("anon-dup")
     for cid in (survivor, loser):
         await eventually(lambda cid=cid: _sending(eng, cid), what="a send retrying")
-    duplicate = eng.client.get_workflow_handle(f"journey-mailer-{loser}")
+    duplicate = eng.client.get_workflow_handle(
+        f"journey-mailer-{loser}", result_type=JourneyRunResult
+    )
     # The merge routes at once, and routing goes on for everyone else meanwhile.
     merge = {"type": "identify", "userId": "dup", "anonymousId": "anon-dup",
              "messageId": f"m-{uuid.uuid4()}"}  # fmt: skip
@@ -200,7 +202,7 @@ async def test_a_merge_does_not_wait_for_a_run_stuck_in_a_send(provider_down):
     assert await eng.customer("anon-dup") == survivor
     # Once the provider is back, the in-flight send completes and the duplicate run exits.
     recorder = up()
-    result = await asyncio.wait_for(duplicate.result(result_type=JourneyRunResult), timeout=120)
+    result = await asyncio.wait_for(duplicate.result(), timeout=120)
     assert result.status == "exited"
     assert result.exit_reason == f"operator: merged into {survivor}"
     assert sorted(m["To"] for m in recorder.messages()) == ["dup2@example.com", "dup@example.com"]
@@ -219,7 +221,7 @@ async def test_pause_with_exit_does_not_hang_on_a_run_stuck_in_a_send(provider_d
     assert r.json()["runs_affected"] == 1
     up()
     handle = await eng.run("mailer", "stuck")
-    result = await asyncio.wait_for(handle.result(result_type=JourneyRunResult), timeout=120)
+    result = await asyncio.wait_for(handle.result(), timeout=120)
     assert result.status == "exited"
     # The send in flight went out; nothing after the exit did.
     assert [m["body"] for m in await eng.messages("stuck")] == ["hello"]
@@ -238,5 +240,5 @@ async def test_archive_with_exit_does_not_hang_either(provider_down):
     assert r.json()["runs_affected"] == 1
     up()
     handle = await eng.run("mailer", "arch")
-    result = await asyncio.wait_for(handle.result(result_type=JourneyRunResult), timeout=120)
+    result = await asyncio.wait_for(handle.result(), timeout=120)
     assert result.status == "exited"
