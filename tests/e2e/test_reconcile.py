@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+from collections.abc import Coroutine
+from typing import Any
 
 from activities.channels import StoredChannel
 from activities.channels.email import EmailChannel
@@ -80,3 +82,41 @@ async def test_a_terminated_run_and_its_unsent_message_are_reconciled(db, dev_en
         )
         assert live == "running"
         assert await eng.router.reconcile() == 0
+
+
+async def test_a_merged_duplicate_the_router_could_not_tell_is_ended_by_reconcile(
+    db, dev_env, monkeypatch
+):
+    async with engine(db, dev_env) as eng:
+        await eng.publish(WAITER)
+        await eng.send(identify("rd1"), track("rd1", "Started"))
+        anon = {"type": "track", "anonymousId": "anon-rd1", "event": "Started"}
+        await eng.send({**anon, "messageId": "m-rd1-anon"})
+        survivor, loser = await eng.customer("rd1"), await eng.customer("anon-rd1")
+        duplicate = eng.client.get_workflow_handle(f"journey-waiter-{loser}")
+        # The worker dies before it tells the duplicate run: the background call is lost.
+        lost: list[Coroutine[Any, Any, None]] = []
+
+        def crash(call: Coroutine[Any, Any, None]) -> None:
+            call.close()
+            lost.append(call)
+
+        monkeypatch.setattr(eng.router, "_in_background", crash)
+        merge = {"type": "alias", "userId": "rd1", "previousId": "anon-rd1", "messageId": "m-al"}
+        await eng.send(merge)
+        assert len(lost) == 1
+        assert (await duplicate.describe()).status.name == "RUNNING"
+        monkeypatch.undo()
+        assert await eng.router.reconcile() == 0  # nothing abandoned; the exit is re-sent
+        result = await duplicate.result()
+        assert (result["status"], result["exit_reason"]) == (
+            "exited",
+            f"operator: merged into {survivor}",
+        )
+        row = await eng.pool.fetchrow(
+            "SELECT status, exit_reason FROM journey_runs WHERE workflow_id = $1", duplicate.id
+        )
+        assert (row["status"], row["exit_reason"]) == (
+            "exited",
+            f"operator: merged into {survivor}",
+        )
