@@ -9,6 +9,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from temporalio.service import RPCError, RPCStatusCode
 
 import activities.router as router_module
 import store.profiles as profiles_module
@@ -191,20 +192,28 @@ async def test_an_event_failing_deterministically_is_isolated_by_bisection(eng, 
     assert letter["failures"] >= 2  # it failed again on its own before it was set aside
 
 
-async def test_transient_errors_do_not_dead_letter(eng, monkeypatch):
-    real = profiles_module.resolve_and_apply
+OUTAGES = [
+    ConnectionResetError("the database went away"),
+    asyncpg.exceptions.AdminShutdownError("terminating connection due to administrator command"),
+    RPCError("Temporal unavailable", RPCStatusCode.UNAVAILABLE, b""),
+]
+
+
+@pytest.mark.parametrize("error", OUTAGES, ids=lambda e: type(e).__name__)
+async def test_transient_errors_do_not_dead_letter(eng, monkeypatch, error):
+    real = router_module.EventRouter._execute
     calls = 0
 
-    async def outage(conn: Any, events: Any) -> Any:
+    async def outage(self: Any, plan: Any) -> Any:
         nonlocal calls
         calls += 1
         if calls <= 3:
-            raise ConnectionResetError("the database went away")
-        return await real(conn, events)
+            raise error
+        return await real(self, plan)
 
-    monkeypatch.setattr(router_module, "resolve_and_apply", outage)
+    monkeypatch.setattr(router_module.EventRouter, "_execute", outage)
     for _ in range(3):
-        with pytest.raises(ConnectionResetError):
+        with pytest.raises(type(error)):
             await eng.send(identify("tt1"), track("tt1", "Started"))
     assert await _route_all(eng) == 6  # three tries stored two events each; none is lost
     await eventually(lambda: _greeted(eng, "tt1"), what="tt1 greeted")
