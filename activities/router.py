@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
-import pydantic
 import structlog
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import (
@@ -73,12 +72,11 @@ FROM events WHERE routed_at IS NULL ORDER BY timestamp, id LIMIT $1
 # dead-lettered.
 _DATA_ERRORS: tuple[type[BaseException], ...] = (
     TypeError,
-    ValueError,  # also pydantic's ValidationError and UnroutableEvent
+    ValueError,  # pydantic's ValidationError and store.profiles.UnroutableEvent too
     KeyError,
     IndexError,
     AttributeError,
     OverflowError,
-    pydantic.ValidationError,
     asyncpg.DataError,
     asyncpg.IntegrityConstraintViolationError,
 )
