@@ -32,7 +32,7 @@ from models.conditions import resolve
 from models.durations import parse_duration
 from models.journey import JourneyDefinition
 from models.runtime import JourneyEvent, JourneyRunInput
-from workflows.journey import workflow_id_for
+from workflows.journey import JourneyWorkflow, workflow_id_for
 
 log = structlog.stdlib.get_logger("enrollment")
 
@@ -198,7 +198,7 @@ async def start_run(
         desc = await existing.describe()
         memo = await desc.memo()
         try:
-            await existing.signal("events", start.events)
+            await existing.signal(JourneyWorkflow.events, start.events)
         except RPCError as err:
             if err.status != RPCStatusCode.NOT_FOUND:
                 raise
@@ -212,7 +212,7 @@ async def start_run(
     assert handle.result_run_id is not None
     start.run_id = handle.result_run_id
     for part in rest:
-        await handle.signal("events", part)
+        await handle.signal(JourneyWorkflow.events, part)
     log.info(
         "journey.entered", customer_id=cid, journey_id=journey.id, workflow_id=start.workflow_id,
         version=journey.version,
@@ -225,7 +225,7 @@ async def _start(
 ) -> Any:
     journey, cid = start.journey, start.customer_id
     return await client.start_workflow(
-        "JourneyWorkflow",
+        JourneyWorkflow.run,
         JourneyRunInput(
             journey=journey,
             customer_id=cid,

@@ -13,6 +13,14 @@ A crash or an outage anywhere leaves the events unrouted, so the chunk is routed
 identities already exist (same customer), a run already started under the same enrollment is
 signalled rather than started twice, and a workflow drops events it has seen (`messageId`).
 One router is active at a time (advisory lock), which keeps a customer's events in order.
+
+No event blocks the others. A chunk that fails with an error that says something about its
+data (not an outage) is cut in halves and routed again, down to single events; an event that
+still fails on its own, twice, is set aside in `dead_letters` with its error and everything
+else flows. Outages (database, Temporal) never dead-letter: the round is retried with backoff.
+Nothing in a chunk waits for a workflow to make progress: runs ended by a merge are told so in
+the background, and `reconcile` (beside the sweep) repeats it and catches runs ended outside
+our code.
 """
 
 from __future__ import annotations
@@ -25,7 +33,14 @@ from typing import Any
 
 import asyncpg
 import structlog
-from temporalio.client import Client, WorkflowUpdateFailedError
+from temporalio.api.enums.v1 import EventType
+from temporalio.client import (
+    Client,
+    WorkflowExecutionStatus,
+    WorkflowHistoryEventFilterType,
+    WorkflowUpdateFailedError,
+    WorkflowUpdateStage,
+)
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.enrollment import (
@@ -38,9 +53,10 @@ from activities.enrollment import (
 )
 from models.journey import EventMatch, JourneyDefinition
 from models.runtime import JourneyEvent, SteerCommand
-from store.events import NOTIFY_CHANNEL
-from store.journeys import RoutedJourney, routed_journeys
+from store.events import NOTIFY_CHANNEL, dead_letter
+from store.journeys import RoutedJourney, record_run_abandoned, routed_journeys
 from store.profiles import StoredEvent, resolve_and_apply
+from workflows.journey import JourneyWorkflow
 
 log = structlog.stdlib.get_logger("router")
 
@@ -51,6 +67,33 @@ _SELECT = """
 SELECT id, message_id, type, event, user_id, anonymous_id, previous_id, timestamp, payload
 FROM events WHERE routed_at IS NULL ORDER BY timestamp, id LIMIT $1
 """
+# Errors that come from an event's data and repeat whenever it is routed. Anything else (the
+# database or Temporal unreachable, a deadlock, a timeout) is an outage: retried, never
+# dead-lettered.
+_DATA_ERRORS: tuple[type[BaseException], ...] = (
+    TypeError,
+    ValueError,  # pydantic's ValidationError and store.profiles.UnroutableEvent too
+    KeyError,
+    IndexError,
+    AttributeError,
+    OverflowError,
+    asyncpg.DataError,
+    asyncpg.IntegrityConstraintViolationError,
+)
+_CLOSED_ABNORMALLY = {
+    WorkflowExecutionStatus.TERMINATED: "terminated",
+    WorkflowExecutionStatus.FAILED: "failed",
+    WorkflowExecutionStatus.TIMED_OUT: "timed out",
+    WorkflowExecutionStatus.CANCELED: "canceled",
+}
+
+
+def data_error(err: BaseException) -> bool:
+    """True when `err` says something about the events routed, not about an outage."""
+    if isinstance(err, RPCError):
+        # The server refused the request itself (e.g. a payload over its limits).
+        return err.status == RPCStatusCode.INVALID_ARGUMENT
+    return isinstance(err, _DATA_ERRORS)
 
 
 def journey_event(e: StoredEvent) -> JourneyEvent:
@@ -116,6 +159,13 @@ class EventRouter:
         self._journeys: list[RoutedJourney] = []
         self._journeys_stale = True
         self._wake = asyncio.Event()
+        self._background: set[asyncio.Task[None]] = set()
+        self._reconcile_after = ""  # enrollment id cursor: each pass takes the next page
+
+    def journeys_changed(self) -> None:
+        """Definitions or statuses changed: reload them before the next chunk is routed."""
+        self._journeys_stale = True
+        self._wake.set()
 
     # -- loop ------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
@@ -182,15 +232,15 @@ class EventRouter:
         self._wake.set()
 
     def _on_journeys(self, *_: Any) -> None:
-        self._journeys_stale = True
-        self._wake.set()
+        self.journeys_changed()
 
     async def _sweep(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            try:
-                await self.recover_stale_starts()
-            except Exception:
-                log.exception("router.sweep_error")
+            for task in (self.recover_stale_starts, self.reconcile):
+                try:
+                    await task()
+                except Exception:
+                    log.exception("router.sweep_error", task=task.__name__)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), SWEEP_SECONDS)
 
@@ -221,11 +271,79 @@ class EventRouter:
             log.info("router.recovered_starts", count=len(starts))
         return len(starts)
 
+    async def reconcile(self, limit: int = 500) -> int:
+        """Bring runs ended outside our code in line with Temporal; returns how many.
+
+        Takes the next `limit` live rows (a cursor over passes, so every row is checked in
+        turn however many there are) and describes each workflow id: a run whose workflow
+        was terminated, failed, timed out or canceled is recorded as `exited` with that
+        outcome, and its unsent messages as failed (`abandoned`). Runs a merge ended that are
+        still running are told to exit again (the first attempt may have died with a worker).
+        """
+        rows = await self.pool.fetch(
+            "SELECT enrollment_id, workflow_id, status, customer_id FROM journey_runs "
+            "WHERE enrollment_id > $1 AND (status IN ('starting', 'running') "
+            "OR (status = 'exited' AND exit_reason = 'merged')) ORDER BY enrollment_id LIMIT $2",
+            self._reconcile_after,
+            limit,
+        )
+        self._reconcile_after = rows[-1]["enrollment_id"] if len(rows) == limit else ""
+        done = await asyncio.gather(*(self._reconcile_run(dict(r)) for r in rows))
+        if any(done):
+            log.info("router.reconciled", runs=sum(done))
+        return sum(done)
+
+    async def _reconcile_run(self, row: dict[str, Any]) -> bool:
+        handle = self.client.get_workflow_handle(row["workflow_id"])
+        async with self._sem:
+            try:
+                desc = await handle.describe()
+            except RPCError as err:
+                if err.status == RPCStatusCode.NOT_FOUND:
+                    return False  # not started yet (starting), or gone: nothing to compare
+                raise
+            if row["status"] == "exited":  # a duplicate ended by a merge
+                if desc.status == WorkflowExecutionStatus.RUNNING:
+                    # The row moved to the survivor with the merge.
+                    self._in_background(self._end_duplicate(row["workflow_id"], row["customer_id"]))
+                return False
+            outcome = _CLOSED_ABNORMALLY.get(desc.status) if desc.status else None
+            if outcome is None:
+                return False
+            # The id's latest execution may belong to an earlier enrollment (this one is
+            # still starting): only this enrollment's own chain of runs counts.
+            mine = row["enrollment_id"]
+            if (await desc.memo()).get("enrollment", mine) != mine:
+                return False
+            reason = await self._close_reason(row["workflow_id"], desc.run_id)
+        text = f"workflow {outcome}" + (f": {reason}" if reason else "")
+        return await record_run_abandoned(self.pool, row["enrollment_id"], text)
+
+    async def _close_reason(self, workflow_id: str, run_id: str | None) -> str | None:
+        """Why the execution closed, from its close event (the termination reason, the
+        failure message)."""
+        handle = self.client.get_workflow_handle(workflow_id, run_id=run_id)
+        async for event in handle.fetch_history_events(
+            event_filter_type=WorkflowHistoryEventFilterType.CLOSE_EVENT
+        ):
+            if event.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_TERMINATED:
+                return event.workflow_execution_terminated_event_attributes.reason or None
+            if event.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_FAILED:
+                return event.workflow_execution_failed_event_attributes.failure.message or None
+        return None
+
     # -- one chunk -------------------------------------------------------------------
     async def route_once(self) -> int:
         if self._journeys_stale:
+            # Cleared before the load so a change during it is not missed, and set again if
+            # the load fails: routing with an old or empty list would mark events routed
+            # that no journey saw.
             self._journeys_stale = False
-            self._journeys = await routed_journeys(self.pool)
+            try:
+                self._journeys = await routed_journeys(self.pool)
+            except BaseException:
+                self._journeys_stale = True
+                raise
         async with self.pool.acquire() as conn:
             # Held for the whole chunk on this connection: if leadership was lost and another
             # router took over, this one routes nothing rather than the same chunk twice.
@@ -237,11 +355,50 @@ class EventRouter:
                 await conn.execute("SELECT pg_advisory_unlock($1)", CHUNK_LOCK)
 
     async def _route_chunk(self, conn: asyncpg.Connection) -> int:
+        rows = await conn.fetch(_SELECT, self.batch_size)
+        if not rows:
+            return 0
+        events: list[StoredEvent] = []
+        for r in rows:
+            try:
+                events.append(StoredEvent(**dict(r)))
+            except _DATA_ERRORS as err:
+                await self._set_aside(conn, r["id"], r["message_id"], err, failures=1)
+        if events:
+            await self._route_isolating(conn, events)
+        return len(rows)
+
+    async def _route_isolating(self, conn: asyncpg.Connection, events: list[StoredEvent]) -> None:
+        """Route these events; if their data makes that fail, halve them until the events
+        that fail on their own are found and set aside. Outages propagate."""
+        try:
+            await self._route_events(conn, events)
+            return
+        except Exception as err:
+            if not data_error(err):
+                raise
+            log.warning("router.chunk_failed", events=len(events), error=repr(err))
+        if len(events) > 1:
+            half = len(events) // 2  # in order: earlier events are routed first
+            await self._route_isolating(conn, events[:half])
+            await self._route_isolating(conn, events[half:])
+            return
+        try:  # once more alone: only an error that repeats is the event's own
+            await self._route_events(conn, events)
+        except Exception as err:
+            if not data_error(err):
+                raise
+            await self._set_aside(conn, events[0].id, events[0].message_id, err, failures=2)
+
+    async def _set_aside(
+        self, conn: asyncpg.Connection, event_id: int, message_id: str, err: BaseException,
+        *, failures: int,
+    ) -> None:  # fmt: skip
+        await dead_letter(conn, event_id, message_id, err, failures)
+        log.error("router.dead_letter", event_id=event_id, message_id=message_id, error=repr(err))
+
+    async def _route_events(self, conn: asyncpg.Connection, events: list[StoredEvent]) -> None:
         async with conn.transaction():
-            rows = await conn.fetch(_SELECT, self.batch_size)
-            if not rows:
-                return 0
-            events = [StoredEvent(**dict(r)) for r in rows]
             resolution = await resolve_and_apply(conn, events)
             plan = await self._plan(conn, events)
             plan.reassign = [(w, m.survivor) for m in resolution.merges for w in m.moved_running]
@@ -254,7 +411,6 @@ class EventRouter:
                 [e.id for e in events],
             )
         log.debug("router.routed", events=len(events), starts=len(plan.starts))
-        return len(events)
 
     async def _plan(self, conn: asyncpg.Connection, events: list[StoredEvent]) -> _Plan:
         plan = _Plan()
@@ -298,7 +454,11 @@ class EventRouter:
         calls: list[Any] = [self._start(s) for s in plan.starts]
         calls += [self._signal(s) for s in plan.signals]
         calls += [self._reassign(wid, cid) for wid, cid in plan.reassign]
-        calls += [self._end_duplicate(wid, cid) for wid, cid in plan.end_duplicates]
+        # The merge is committed (the rows say `exited`); the runs are told in the background,
+        # as an exit may wait for a step in flight (a send retrying while its provider is down)
+        # and routing must not. `reconcile` repeats it for any that is still running.
+        for wid, survivor in plan.end_duplicates:
+            self._in_background(self._end_duplicate(wid, survivor))
         # Every call runs to its end; then the first failure (if any) fails the chunk, which
         # is routed again (all of it is idempotent).
         failures = [r for r in await asyncio.gather(*calls, return_exceptions=True) if r]
@@ -306,16 +466,34 @@ class EventRouter:
         if errors:
             raise errors[0]
 
+    def _in_background(self, call: Any) -> None:
+        task = asyncio.create_task(call)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     async def _end_duplicate(self, workflow_id: str, survivor: str) -> None:
+        """Tell a run a merge ended to exit. Waits only until the run has accepted the
+        instruction (the run applies it between steps), never for the run to get there."""
         cmd = SteerCommand(action="exit", reason=f"merged into {survivor}", by="router")
-        async with self._sem:
-            with contextlib.suppress(RPCError, WorkflowUpdateFailedError):
-                await self.client.get_workflow_handle(workflow_id).execute_update("steer", cmd)
+        handle = self.client.get_workflow_handle(workflow_id)
+        try:
+            async with self._sem:
+                await handle.start_update(
+                    JourneyWorkflow.steer, cmd, wait_for_stage=WorkflowUpdateStage.ACCEPTED
+                )
+        except WorkflowUpdateFailedError as err:
+            # Rejected: it has ended, or an instruction (an exit) is being applied already.
+            log.info("router.duplicate_not_steered", workflow_id=workflow_id, error=str(err))
+        except RPCError as err:
+            # Gone (NOT_FOUND) is the end we want; anything else is retried by `reconcile`.
+            log.info("router.duplicate_not_steered", workflow_id=workflow_id, error=str(err))
 
     async def _reassign(self, workflow_id: str, customer_id: str) -> None:
         async with self._sem:
             with contextlib.suppress(RPCError):
-                await self.client.get_workflow_handle(workflow_id).signal("reassign", customer_id)
+                await self.client.get_workflow_handle(workflow_id).signal(
+                    JourneyWorkflow.reassign, customer_id
+                )
 
     async def _version(self, current: JourneyDefinition, version: int) -> JourneyDefinition:
         """The definition a run is pinned to (usually the current one)."""
@@ -333,7 +511,7 @@ class EventRouter:
         try:
             for part in slices(sig.events):
                 async with self._sem:
-                    await handle.signal("events", part)
+                    await handle.signal(JourneyWorkflow.events, part)
             return
         except RPCError as err:
             if err.status == RPCStatusCode.INVALID_ARGUMENT:

@@ -23,6 +23,7 @@ from api.routes import (
     audit,
     contact,
     customers,
+    dead_letters,
     events,
     inbox,
     journeys,
@@ -57,6 +58,7 @@ ROUTES = (
     reports,
     keys,
     audit,
+    dead_letters,
 )
 
 

@@ -109,6 +109,8 @@ ROUTE_SCOPES: dict[tuple[str, str], Rule] = {
     ("GET", "/v1/schedules"): _READ,
     ("GET", "/v1/schedules/{schedule_id}"): _READ,
     ("GET", "/v1/suppressions"): _READ,
+    ("GET", "/v1/dead-letters"): _READ,
+    ("GET", "/v1/dead-letters/{letter_id}"): _READ,
     # -- manage: journeys, templates, schedules --------------------------------------------
     ("POST", "/v1/journeys"): _JOURNEY,
     ("PUT", "/v1/journeys/{journey_id}/draft"): _JOURNEY,
@@ -136,6 +138,7 @@ ROUTE_SCOPES: dict[tuple[str, str], Rule] = {
     ("POST", "/v1/suppressions"): _OPERATE,
     ("DELETE", "/v1/suppressions/{channel}/{address}"): _OPERATE,
     ("POST", "/v1/customers/{ref}/inbox/{message_id}/read"): _OPERATE,
+    ("POST", "/v1/dead-letters/{letter_id}/replay"): _OPERATE,
     # -- admin: keys, audit ----------------------------------------------------------------
     ("POST", "/v1/keys"): _ADMIN,
     ("GET", "/v1/keys"): _ADMIN,

@@ -84,7 +84,58 @@ class Event(SQLModel, table=True):
     timestamp: datetime = Field(sa_column=sa.Column(sa.DateTime(timezone=True), nullable=False))
     received_at: datetime | None = _ts()
     routed_at: datetime | None = _ts(nullable=True, default=False)
+    # When its traits, timezone and identities were applied to the profile: an event routed
+    # again (handed back by a finished run, replayed) must not roll back newer traits.
+    applied_at: datetime | None = _ts(nullable=True, default=False)
     payload: dict[str, Any] = _json()
+
+
+class DeadLetterBase(SQLModel):
+    event_id: int = Field(
+        sa_column=sa.Column(
+            sa.BigInteger, sa.ForeignKey("events.id", ondelete="CASCADE"), nullable=False,
+            unique=True,
+        )
+    )  # fmt: skip
+    message_id: str = Field(max_length=512)
+    error: str = Field(description="what failed, as the router saw it")
+    error_type: str = Field(max_length=128, description="the exception's class")
+    failures: int = Field(default=1, description="times routing this event failed")
+    status: str = Field(max_length=16, description="open | replayed")
+
+
+class DeadLetter(DeadLetterBase, table=True):
+    """An event the router could not route, set aside so that every other event flows.
+
+    Its event is out of the outbox (`routed_at` set) until it is replayed, which puts it back
+    (`routed_at` null) and marks this row `replayed`; failing again reopens it."""
+
+    __tablename__ = "dead_letters"
+    __table_args__ = (sa.Index("ix_dead_letters_status", "status", "id"),)
+    id: int | None = Field(
+        default=None, sa_column=sa.Column(sa.BigInteger, primary_key=True, autoincrement=True)
+    )
+    created_at: datetime | None = _ts()
+    updated_at: datetime | None = _ts()
+    replayed_at: datetime | None = _ts(nullable=True, default=False)
+
+
+class DeadLetterPublic(DeadLetterBase):
+    id: int
+    type: str
+    event: str | None
+    user_id: str | None
+    anonymous_id: str | None
+    timestamp: str = Field(description="as stored, e.g. `infinity` for an unusable one")
+    payload: Any = Field(description="the envelope as stored (whatever made it unroutable)")
+    created_at: datetime
+    updated_at: datetime
+    replayed_at: datetime | None
+
+
+class DeadLetterPage(SQLModel):
+    items: list[DeadLetterPublic]
+    next_before: int | None = Field(description="pass as `before` for the next page")
 
 
 class Message(SQLModel, table=True):

@@ -42,3 +42,39 @@ async def insert_events(conn: asyncpg.Connection, rows: list[dict[str, Any]]) ->
     status = await conn.execute(_INSERT, *cols)
     await conn.execute(f"NOTIFY {NOTIFY_CHANNEL}")
     return int(status.split()[-1])
+
+
+async def dead_letter(
+    conn: asyncpg.Connection, event_id: int, message_id: str, error: BaseException, failures: int
+) -> None:
+    """Set an event aside: out of the outbox, with its error, until it is replayed.
+
+    A replayed event that fails again reopens its row (one row per event)."""
+    async with conn.transaction():
+        await conn.execute(
+            "INSERT INTO dead_letters (event_id, message_id, error, error_type, failures, status) "
+            "VALUES ($1, $2, $3, $4, $5, 'open') ON CONFLICT (event_id) DO UPDATE SET "
+            "status = 'open', error = EXCLUDED.error, error_type = EXCLUDED.error_type, "
+            "failures = dead_letters.failures + EXCLUDED.failures, updated_at = now()",
+            event_id,
+            message_id,
+            (str(error) or repr(error))[:4000],
+            type(error).__name__[:128],
+            failures,
+        )
+        await conn.execute("UPDATE events SET routed_at = now() WHERE id = $1", event_id)
+
+
+async def replay_dead_letter(conn: asyncpg.Connection, letter_id: int) -> bool:
+    """Put a dead letter's event back in the outbox; False if the letter is not open."""
+    async with conn.transaction():
+        event_id = await conn.fetchval(
+            "UPDATE dead_letters SET status = 'replayed', replayed_at = now(), updated_at = now() "
+            "WHERE id = $1 AND status = 'open' RETURNING event_id",
+            letter_id,
+        )
+        if event_id is None:
+            return False
+        await conn.execute("UPDATE events SET routed_at = NULL WHERE id = $1", event_id)
+        await conn.execute(f"NOTIFY {NOTIFY_CHANNEL}")
+    return True

@@ -264,3 +264,30 @@ class _acquire:
     async def __aexit__(self, *exc: object) -> None:
         if self._held is not None:
             await self._held.__aexit__(*exc)
+
+
+async def record_run_abandoned(
+    conn: asyncpg.Connection | asyncpg.Pool, enrollment_id: str, outcome: str
+) -> bool:
+    """A run whose workflow ended outside our code (terminated, failed, timed out): the row
+    says it ended (`exited`, the outcome as its reason) and its unsent messages are `failed`
+    (`skip_reason` `abandoned`), so caps, reports and the read API stop counting them as
+    under way. Returns False if the row had already ended."""
+    async with _acquire(conn) as tx, tx.transaction():
+        row = await tx.fetchrow(
+            "UPDATE journey_runs SET status = 'exited', exit_reason = $2, ended_at = now() "
+            "WHERE enrollment_id = $1 AND status IN ('starting', 'running') "
+            "RETURNING workflow_id, started_at",
+            enrollment_id,
+            outcome,
+        )
+        if row is None:
+            return False
+        await tx.execute(
+            "UPDATE messages SET status = 'failed', skip_reason = 'abandoned', error = $3 "
+            "WHERE workflow_id = $1 AND status IN ('pending', 'sending') AND created_at >= $2",
+            row["workflow_id"],
+            row["started_at"],
+            outcome,
+        )
+    return True

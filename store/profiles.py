@@ -4,6 +4,10 @@ Events carry a `userId` and/or an `anonymousId`; `alias` adds a `previousId`. Ea
 one customer (table `identities`). When an event ties together ids that belong to two
 customers, the anonymous one is merged into the known one: identities, events, messages and
 running journeys move to the survivor, and the merge is reported so running workflows follow.
+
+An event's profile effects (traits, timezone, email / phone identities) are applied once
+(`events.applied_at`): an event routed again, handed back by a finished run or replayed from
+the dead letters, must not roll back what a newer `identify` set.
 """
 
 from __future__ import annotations
@@ -30,6 +34,13 @@ class StoredEvent:
     payload: dict[str, Any]
     customer_id: str = ""
 
+    def __post_init__(self) -> None:
+        # PostgreSQL keeps `infinity` / `-infinity`; they come back as naive datetimes that
+        # cannot be ordered with the others (nor mean a moment): such an event is unroutable.
+        ts = self.timestamp
+        if ts.tzinfo is None or ts.replace(tzinfo=None) in (datetime.min, datetime.max):
+            raise UnroutableEvent(f"timestamp: {ts.isoformat()} is not a usable moment")
+
     @property
     def traits(self) -> dict[str, Any]:
         traits = self.payload.get("traits") or {}  # identify: with context.traits (parse_event)
@@ -39,6 +50,10 @@ class StoredEvent:
         elif self.type != "identify":
             traits = {}
         return traits if isinstance(traits, dict) else {}
+
+
+class UnroutableEvent(ValueError):
+    """A stored event that can never be routed as it is (the router sets it aside)."""
 
 
 @dataclass
@@ -70,6 +85,15 @@ async def resolve_and_apply(conn: asyncpg.Connection, events: list[StoredEvent])
     Runs inside the caller's transaction; all look-ups are batched per chunk.
     """
     res = Resolution()
+    # Re-read under lock, not trusted from the caller: an earlier attempt may have committed.
+    applied = {
+        r["id"]
+        for r in await conn.fetch(
+            "SELECT id FROM events WHERE id = ANY($1::bigint[]) AND applied_at IS NOT NULL "
+            "FOR UPDATE",
+            [e.id for e in events],
+        )
+    }
     users = sorted({e.user_id for e in events if e.user_id} | {
         e.previous_id for e in events if e.previous_id})  # fmt: skip
     anons = sorted({e.anonymous_id for e in events if e.anonymous_id} | {
@@ -113,6 +137,8 @@ async def resolve_and_apply(conn: asyncpg.Connection, events: list[StoredEvent])
         for k in keys:
             attach(k, cid)
         e.customer_id = cid
+        if e.id in applied:
+            continue
         if e.traits:
             traits.setdefault(cid, {}).update(e.traits)
             for kind in ("email", "phone"):
@@ -154,8 +180,8 @@ async def resolve_and_apply(conn: asyncpg.Connection, events: list[StoredEvent])
             [(remap.get(c, c), z) for c, z in zones.items()],
         )
     await conn.execute(
-        "UPDATE events SET customer_id = u.cid FROM unnest($1::bigint[], $2::text[]) AS u(id, cid) "
-        "WHERE events.id = u.id",
+        "UPDATE events SET customer_id = u.cid, applied_at = coalesce(applied_at, now()) "
+        "FROM unnest($1::bigint[], $2::text[]) AS u(id, cid) WHERE events.id = u.id",
         [e.id for e in events],
         [e.customer_id for e in events],
     )
@@ -181,6 +207,10 @@ async def _merge(
     owner: dict[tuple[str, str], str],
     res: Resolution,
 ) -> None:
+    # A send deciding for either customer (caps, consent) holds this lock: it decides before
+    # the merge or after it, never against a half-moved message history.
+    for cid in sorted({loser, survivor}):
+        await lock_contact(conn, cid)
     await conn.execute(
         "UPDATE customers s SET traits = l.traits || s.traits, updated_at = now() "
         "FROM customers l WHERE s.id = $2 AND l.id = $1",
@@ -238,6 +268,15 @@ async def _merge(
             duplicates=[r["workflow_id"] for r in duplicate],
         )
     )
+
+
+async def lock_contact(conn: asyncpg.Connection, customer_id: str) -> None:
+    """The per-customer contact-policy lock, held to the end of the transaction.
+
+    The same key as `activities.contact_policy.ContactPolicy.lock` (a send takes one; a merge
+    takes both customers' in id order, and only the single active router merges, so the
+    order cannot deadlock)."""
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtext('contact:' || $1))", customer_id)
 
 
 async def find_customer(conn: asyncpg.Connection | asyncpg.Pool, ref: str) -> str | None:

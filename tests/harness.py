@@ -48,12 +48,12 @@ class Engine:
             if isinstance(definition, JourneyDefinition)
             else parse_definition(definition)
         )
-        self.router._journeys_stale = True
+        self.router.journeys_changed()
         return await publish(self.pool, defn)
 
     async def publish_examples(self, *ids: str) -> dict[str, int]:
         """Publish the example journeys named (all of them when none is named)."""
-        self.router._journeys_stale = True
+        self.router.journeys_changed()
         out = {}
         for path in sorted(JOURNEYS_DIR.glob("*.yaml")):
             if not ids or path.stem in ids:

@@ -23,6 +23,7 @@ from models.public import (
 )
 from models.runtime import RunSummary, SteerCommand
 from store.profiles import find_customer
+from workflows.journey import JourneyWorkflow
 
 router = APIRouter(prefix="/v1/customers", tags=["customers"], dependencies=[AdminDep])
 
@@ -113,11 +114,20 @@ async def get_journeys(ref: str, pool: PoolDep, temporal: TemporalDep) -> list[J
         "SELECT * FROM journey_runs WHERE customer_id = $1 ORDER BY started_at DESC LIMIT 200", cid
     )
 
+    # The newest enrollment of each workflow id owns that id's current execution.
+    latest = set({r["workflow_id"]: r["enrollment_id"] for r in reversed(rows)}.values())
+
     async def describe(row: dict) -> JourneyRunPublic:
         summary: RunSummary | None = None
         try:
-            handle = temporal.get_workflow_handle(row["workflow_id"], run_id=row["run_id"])
-            summary = await handle.query("summary", result_type=RunSummary)
+            if row["enrollment_id"] in latest:
+                # By workflow id: the run as it is now, after any continue-as-new.
+                handle = temporal.get_workflow_handle(row["workflow_id"])
+            else:
+                # An earlier enrollment under the same id: its first execution is the one
+                # still addressable by itself.
+                handle = temporal.get_workflow_handle(row["workflow_id"], run_id=row["run_id"])
+            summary = await handle.query(JourneyWorkflow.summary)
         except RPCError:
             summary = None  # history gone (retention) or unreachable: the stored row stands
         return JourneyRunPublic(
@@ -155,7 +165,7 @@ async def steer_run(
         raise ApiError(400, "invalid_request", "action: use POST /v1/journeys/{id}/migrate")
     cid = await _customer_id(pool, ref)
     rows = await pool.fetch(
-        "SELECT workflow_id, run_id FROM journey_runs WHERE customer_id = $1 AND journey_id = $2 "
+        "SELECT workflow_id FROM journey_runs WHERE customer_id = $1 AND journey_id = $2 "
         "AND status = 'running' AND ($3::text IS NULL OR workflow_id = $3)",
         cid,
         journey_id,
@@ -166,9 +176,9 @@ async def steer_run(
     if len(rows) > 1:
         raise ApiError(409, "ambiguous", "several runs: name one with workflow_id")
     cmd = SteerCommand.model_validate(body.model_dump(exclude={"workflow_id"}))
-    handle = temporal.get_workflow_handle(rows[0]["workflow_id"], run_id=rows[0]["run_id"])
+    handle = temporal.get_workflow_handle(rows[0]["workflow_id"])  # the current run
     try:
-        return await handle.execute_update("steer", cmd, result_type=RunSummary)
+        return await handle.execute_update(JourneyWorkflow.steer, cmd)
     except WorkflowUpdateFailedError as err:
         cause = err.cause
         message = getattr(cause, "message", None) or str(cause or err)

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import APIRouter, Body, Response
-from temporalio.client import WorkflowUpdateFailedError
+from temporalio.client import WorkflowUpdateFailedError, WorkflowUpdateStage
 from temporalio.service import RPCError
 
 from activities.enrollment import (
@@ -31,7 +31,7 @@ from models.public import (
     MigrationRequest,
     ValidationReport,
 )
-from models.runtime import JourneyEvent, RunSummary, SteerCommand
+from models.runtime import JourneyEvent, SteerCommand
 from store.journeys import (
     DefinitionError,
     active_definitions,
@@ -41,7 +41,7 @@ from store.journeys import (
     save_draft,
 )
 from store.profiles import find_customer
-from workflows.journey import workflow_id_for
+from workflows.journey import JourneyWorkflow, workflow_id_for
 
 router = APIRouter(prefix="/v1/journeys", tags=["journeys"], dependencies=[AdminDep])
 
@@ -204,7 +204,7 @@ async def publish_journey_draft(journey_id: str, pool: PoolDep) -> JourneyPublic
 
 async def _signal_runs(pool: PoolDep, temporal: TemporalDep, journey_id: str, act: Any) -> int:
     rows = await pool.fetch(
-        "SELECT workflow_id, run_id FROM journey_runs WHERE journey_id = $1 AND status = 'running'",
+        "SELECT workflow_id FROM journey_runs WHERE journey_id = $1 AND status = 'running'",
         journey_id,
     )
     sem = asyncio.Semaphore(32)
@@ -212,7 +212,8 @@ async def _signal_runs(pool: PoolDep, temporal: TemporalDep, journey_id: str, ac
     async def one(row: Any) -> bool:
         async with sem:
             try:
-                await act(temporal.get_workflow_handle(row["workflow_id"], run_id=row["run_id"]))
+                # By workflow id: the run as it is now, after any continue-as-new.
+                await act(temporal.get_workflow_handle(row["workflow_id"]))
                 return True
             except (RPCError, WorkflowUpdateFailedError):
                 return False  # finished meanwhile
@@ -233,8 +234,16 @@ async def _set_status(pool: PoolDep, journey_id: str, status: str, allowed: set[
 
 
 def _exit(reason: str) -> Any:
+    """Exit a run: answered once the run has accepted it (it exits before its next step), so
+    a run stuck in a step (a send retrying while its provider is down) does not hold the call."""
     cmd = SteerCommand(action="exit", reason=reason, by="journey lifecycle")
-    return lambda h: h.execute_update("steer", cmd)
+    return lambda h: h.start_update(
+        JourneyWorkflow.steer, cmd, wait_for_stage=WorkflowUpdateStage.ACCEPTED
+    )
+
+
+def _hold(held: bool) -> Any:
+    return lambda h: h.signal(JourneyWorkflow.hold, held)
 
 
 @router.post("/{journey_id}/pause", response_model=LifecycleResult)
@@ -247,7 +256,7 @@ async def pause_journey(
     if body.in_flight == "finish":
         raise ApiError(400, "invalid_request", "in_flight: pause takes hold or exit")
     await _set_status(pool, journey_id, "paused", {"active", "paused"})
-    act = _exit(body.reason) if body.in_flight == "exit" else (lambda h: h.signal("hold", True))
+    act = _exit(body.reason) if body.in_flight == "exit" else _hold(True)
     n = await _signal_runs(pool, temporal, journey_id, act)
     return LifecycleResult(id=journey_id, status="paused", runs_affected=n)
 
@@ -255,7 +264,7 @@ async def pause_journey(
 @router.post("/{journey_id}/resume", response_model=LifecycleResult)
 async def resume_journey(journey_id: str, pool: PoolDep, temporal: TemporalDep) -> LifecycleResult:
     await _set_status(pool, journey_id, "active", {"paused"})
-    n = await _signal_runs(pool, temporal, journey_id, lambda h: h.signal("hold", False))
+    n = await _signal_runs(pool, temporal, journey_id, _hold(False))
     return LifecycleResult(id=journey_id, status="active", runs_affected=n)
 
 
@@ -268,7 +277,7 @@ async def archive_journey(
     if body.in_flight == "hold":
         raise ApiError(400, "invalid_request", "in_flight: archive takes finish or exit")
     await _set_status(pool, journey_id, "archived", {"active", "paused", "draft"})
-    act = _exit(body.reason) if body.in_flight == "exit" else (lambda h: h.signal("hold", False))
+    act = _exit(body.reason) if body.in_flight == "exit" else _hold(False)
     n = await _signal_runs(pool, temporal, journey_id, act)
     return LifecycleResult(id=journey_id, status="archived", runs_affected=n)
 
@@ -303,7 +312,7 @@ async def migrate_runs(
         if dst not in {s.id for s in new.steps}:
             raise ApiError(400, "invalid_request", f"step_map: no step {dst!r} in v{new.version}")
     rows = await pool.fetch(
-        "SELECT enrollment_id, workflow_id, run_id FROM journey_runs WHERE journey_id = $1 "
+        "SELECT enrollment_id, workflow_id FROM journey_runs WHERE journey_id = $1 "
         "AND journey_version = $2 AND status = 'running'",
         journey_id,
         body.from_version,
@@ -313,8 +322,8 @@ async def migrate_runs(
     async def position(row: Any) -> tuple[Any, str | None]:
         async with sem:
             try:
-                handle = temporal.get_workflow_handle(row["workflow_id"], run_id=row["run_id"])
-                summary = await handle.query("summary", result_type=RunSummary)
+                handle = temporal.get_workflow_handle(row["workflow_id"])
+                summary = await handle.query(JourneyWorkflow.summary)
             except RPCError:
                 return row, None
         return row, summary.step_id if summary.status == "running" else None
@@ -340,8 +349,8 @@ async def migrate_runs(
             )
             async with sem:
                 try:
-                    handle = temporal.get_workflow_handle(row["workflow_id"], run_id=row["run_id"])
-                    await handle.execute_update("steer", cmd)
+                    handle = temporal.get_workflow_handle(row["workflow_id"])
+                    await handle.execute_update(JourneyWorkflow.steer, cmd)
                 except (RPCError, WorkflowUpdateFailedError):
                     return False  # moved on meanwhile: it stays on its version
             await pool.execute(

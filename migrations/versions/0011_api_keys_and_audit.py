@@ -1,7 +1,7 @@
 """api keys and the audit log (append-only: a trigger refuses UPDATE and DELETE)
 
 Revision ID: 0011
-Revises: 0009 (0010 once the branches are merged)
+Revises: 0010
 Create Date: 2026-12-10 10:00:00
 """
 
@@ -12,7 +12,7 @@ from sqlalchemy.dialects import postgresql
 
 
 revision = '0011'
-down_revision = '0009'
+down_revision = '0010'
 branch_labels = None
 depends_on = None
 
