@@ -15,6 +15,7 @@ import asyncpg
 
 from models.durations import parse_duration
 from store.feedback import normalize_address
+from store.profiles import lock_contact
 
 # Where each channel's address lives on the profile.
 ADDRESS_TRAIT = {"email": "email", "sms": "phone", "push": "push_token"}
@@ -56,7 +57,8 @@ class ContactPolicy:
         self.consent_default = consent_default
 
     async def lock(self, conn: asyncpg.Connection, customer_id: str) -> None:
-        await conn.execute("SELECT pg_advisory_xact_lock(hashtext('contact:' || $1))", customer_id)
+        """The per-customer lock a merge takes too (`store.profiles.lock_contact`)."""
+        await lock_contact(conn, customer_id)
 
     async def decide(
         self,
