@@ -387,8 +387,8 @@ async def post_events(
 
 # -- faults -----------------------------------------------------------------------------------
 def fault_plan(worker_kills: int, temporal: int, postgres: int) -> list[tuple[float, str]]:
-    """Kinds spread over the posting window, at fractions of the accepted events: the
-    Temporal restart(s) about 40 % in, PostgreSQL about 60 %, worker kills around them."""
+    """(fraction of the work done, kind): evenly spread, the Temporal restart(s) about 40 %
+    in, PostgreSQL about 60 %, worker kills around them (see `inject_faults` for the basis)."""
     kinds = ["worker"] * worker_kills
     for _ in range(temporal):
         kinds.insert(math.ceil(len(kinds) * 0.4), "temporal")
@@ -440,30 +440,38 @@ async def _fetchval(pool: asyncpg.Pool, sql: str, *args: Any) -> Any:
 
 
 async def inject_faults(run: Run, pool: asyncpg.Pool, posting: asyncio.Task[float]) -> None:
+    """Each fault when its share of the work is done. Server restarts follow the accepted
+    events (they hit ingestion and routing); worker kills follow the messages sent (sends
+    lag far behind the events, and a kill should find sends in flight)."""
     p = run.params
-    plan = fault_plan(p.worker_kills, p.temporal_restarts, p.postgres_restarts)
+    pending = fault_plan(p.worker_kills, p.temporal_restarts, p.postgres_restarts)
+    led = run.ledger
     last_end = 0.0
-    deadline = time.monotonic() + p.events / p.rate * 3 + p.request_budget_s
-    for frac, kind in plan:
-        while True:  # polls the posting's progress, bounded by `deadline`
-            due = (
-                run.ledger.accepted >= frac * p.events
-                or posting.done()
-                or time.monotonic() >= deadline
-            )
-            if due and time.monotonic() >= last_end + p.min_gap_s:
-                break
-            await asyncio.sleep(0.05)
+    deadline = time.monotonic() + p.events / p.rate * 3 + p.request_budget_s + p.drain_timeout
+    while pending and time.monotonic() < deadline:
+        sent = await _fetchval(pool, "SELECT count(*) FROM messages WHERE status = 'sent'")
+        expected = len(led.expected_emails) + 2 * len(led.expected_orders)
+        if not posting.done():  # extrapolate from what was accepted so far
+            expected = expected * p.events // max(led.accepted, 1)
+        sends_done = (sent or 0) / max(expected, 1)
+        events_done = 1.0 if posting.done() else led.accepted / p.events
+        due = [f for f in pending if (sends_done if f[1] == "worker" else events_done) >= f[0]]
+        if not due or time.monotonic() < last_end + p.min_gap_s:
+            await asyncio.sleep(0.2)
+            continue
+        kind = due[0][1]
+        pending.remove(due[0])
         t = time.monotonic()
         rec: dict[str, Any] = {
             "kind": kind,
             "at_s": run.rel(t),
-            "accepted_before": run.ledger.accepted,
-            "sent_before": await _fetchval(
-                pool, "SELECT count(*) FROM messages WHERE status = 'sent'"
+            "accepted_before": led.accepted,
+            "sent_before": sent,
+            "open_sends_before": await _fetchval(
+                pool, "SELECT count(*) FROM messages WHERE status IN ('pending', 'sending')"
             ),
         }
-        log(f"fault: {kind} (accepted {run.ledger.accepted}, sent {rec['sent_before']})")
+        log(f"fault: {kind} (accepted {led.accepted}, sent {sent})")
         if kind == "worker":
             await asyncio.to_thread(run.stack.kill_worker)
         elif kind == "temporal":
@@ -495,7 +503,7 @@ async def progress(run: Run, pool: asyncpg.Pool, *, by_id: bool = True) -> dict[
     )
     assert run.sinks.http is not None
     return {
-        "accepted": len(ids),
+        "accepted": run.ledger.accepted,
         "stored": stored,
         "routed": routed,
         "open_sends": open_sends,
@@ -633,6 +641,19 @@ async def count_everything(run: Run, pool: asyncpg.Pool) -> dict[str, Any]:
     return {"db": db, "smtp": smtp, "http": http}
 
 
+async def runs_settled(pool: asyncpg.Pool, limit_s: float) -> int:
+    """Journey runs still `starting` or `running` once their last send is done, after at
+    most `limit_s` (the run's own end bookkeeping comes after the send)."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        n = await _fetchval(
+            pool, "SELECT count(*) FROM journey_runs WHERE status IN ('starting', 'running')"
+        )
+        if n == 0 or time.monotonic() > deadline:
+            return -1 if n is None else int(n)
+        await asyncio.sleep(0.5)
+
+
 def checks(run: Run, final: dict[str, Any], counts: dict[str, Any]) -> list[dict[str, Any]]:
     led = run.ledger
     smtp, http, db = counts["smtp"], counts["http"], counts["db"]
@@ -677,6 +698,8 @@ def checks(run: Run, final: dict[str, Any], counts: dict[str, Any]) -> list[dict
          not smtp["recipients_with_two_message_ids"] and not smtp["unknown_message_ids"]),
         ("sends recorded twice in messages", db["sends_recorded_twice"], 0,
          db["sends_recorded_twice"] == 0),
+        ("journey runs still open when all is sent", final.get("runs_open"), 0,
+         final.get("runs_open") == 0),
     ]  # fmt: skip
     return [{"check": c, "got": g, "expected": e, "ok": ok} for c, g, e, ok in rows]
 
@@ -746,6 +769,7 @@ async def chaos(run: Run) -> dict[str, Any]:
         # No sleep before counting: with no send left `pending` or `sending`, nothing can be
         # delivered again (a retry of a recorded send answers from its row).
         res["final"] = final
+        final["runs_open"] = await runs_settled(pool, 30.0)
         res["counts"] = await count_everything(run, pool)
         res["checks"] = checks(run, final, res["counts"])
         res["passed"] = all(c["ok"] is not False for c in res["checks"])

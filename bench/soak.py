@@ -79,7 +79,7 @@ class SoakParams:
     orders: float = 0.02
     batch_size: int = 50
     clients: int = 4
-    drain_timeout: float = 300.0
+    drain_timeout: float | None = None  # None: as long as the run, at least 300 s
     seed: int = 1
 
     @property
@@ -170,9 +170,10 @@ async def soak(run: Run, sp: SoakParams, res: dict[str, Any]) -> None:
                 await sampling
         res["samples"] = sampler.samples
         log(f"posted {run.ledger.accepted} in {res['posting_s']} s; draining "
-            f"(max {sp.drain_timeout:.0f} s)")  # fmt: skip
+            f"(max {sp.drain_timeout or max(300.0, sp.minutes * 60):.0f} s)")  # fmt: skip
         t = time.monotonic()
-        final = await wait_done(run, pool, sp.drain_timeout, by_id=False)
+        drain = sp.drain_timeout or max(300.0, sp.minutes * 60)
+        final = await wait_done(run, pool, drain, by_id=False)
         res["drain_s"] = round(time.monotonic() - t, 1)
         res["final"] = final
         res["counts"] = await count_everything(run, pool)

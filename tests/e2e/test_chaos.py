@@ -22,7 +22,7 @@ SMALL = Params(
     worker_kills=2,
     temporal_restarts=1,
     postgres_restarts=1,
-    drain_timeout=60.0,  # a send held by a killed worker is retried after its 30 s timeout
+    drain_timeout=90.0,  # a send held by a killed worker is retried after its 30 s timeout
 )
 
 
@@ -37,7 +37,8 @@ async def test_events_and_sends_survive_kills_and_restarts():
         default=str,
     )
     # The run did what it claims: faults while events arrived, messages on every channel.
-    assert [f["kind"] for f in res["faults"]] == ["worker", "temporal", "postgres", "worker"]
+    kinds = sorted(f["kind"] for f in res["faults"])
+    assert kinds == ["postgres", "temporal", "worker", "worker"]
     expected = res["ledger"]["expected"]
     assert res["ledger"]["accepted"] == SMALL.events
     assert expected["emails"] > 0 and expected["sms"] > 0
