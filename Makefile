@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: dev test lint bench bench-channels clean
+.PHONY: dev test lint bench bench-channels chaos soak clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -27,6 +27,17 @@ bench: $(STAMP)
 
 bench-channels: $(STAMP)
 	$(BIN)/python -m bench.channels
+
+# Faults under load (bench/README.md): 10,000 events, worker SIGKILLed 5x, Temporal and
+# PostgreSQL restarted once; counted at the sinks and in the database.
+chaos: $(STAMP)
+	$(BIN)/python -m bench.chaos
+
+# Memory and errors under steady load: `make soak MINUTES=30 RATE=250`.
+MINUTES ?= 30
+RATE ?= 250
+soak: $(STAMP)
+	$(BIN)/python -m bench.soak --minutes $(MINUTES) --rate $(RATE)
 
 clean:
 	rm -rf $(VENV) .data

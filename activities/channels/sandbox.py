@@ -54,6 +54,9 @@ class Provider:
     record_dir: Path | None = None
     deliveries: list[dict[str, Any]] = field(default_factory=list)
     requests: int = 0
+    # Every request per Idempotency-Key, the repeats this provider deduplicated included: what
+    # a provider that ignores the key would have delivered (bench/chaos.py counts them).
+    requests_by_key: dict[str, int] = field(default_factory=dict)
     fail_next: int = 0
     busy_next: int = 0
     hang_next: int = 0
@@ -80,6 +83,8 @@ def _handler(p: Provider) -> type[BaseHTTPRequestHandler]:
             key = self.headers.get("Idempotency-Key") or ""
             with p.lock:
                 p.requests += 1
+                if key:
+                    p.requests_by_key[key] = p.requests_by_key.get(key, 0) + 1
                 if p.fail_next > 0:
                     p.fail_next -= 1
                     return self._reply(503, {"message": "provider unavailable"})
