@@ -8,6 +8,7 @@ from fastapi import APIRouter, Query
 
 from api.deps import AdminDep, PoolDep
 from api.errors import ApiError
+from models.public import BigInt
 from models.tables import DeadLetterPage, DeadLetterPublic
 from store.events import replay_dead_letter
 
@@ -30,7 +31,7 @@ async def list_dead_letters(
     pool: PoolDep,
     status: Literal["open", "replayed"] | None = None,
     limit: int = Query(100, ge=1, le=1000),
-    before: int | None = None,
+    before: BigInt | None = None,
 ) -> DeadLetterPage:
     """Newest first; `status` filters (`open`: still set aside); page with `before`."""
     rows = await pool.fetch(
@@ -45,7 +46,7 @@ async def list_dead_letters(
 
 
 @router.get("/{letter_id}", response_model=DeadLetterPublic)
-async def get_dead_letter(letter_id: int, pool: PoolDep) -> DeadLetterPublic:
+async def get_dead_letter(letter_id: BigInt, pool: PoolDep) -> DeadLetterPublic:
     row = await pool.fetchrow(_SELECT + "WHERE d.id = $1", letter_id)
     if row is None:
         raise ApiError(404, "not_found", f"id: no dead letter {letter_id}")
@@ -53,7 +54,7 @@ async def get_dead_letter(letter_id: int, pool: PoolDep) -> DeadLetterPublic:
 
 
 @router.post("/{letter_id}/replay", response_model=DeadLetterPublic)
-async def replay(letter_id: int, pool: PoolDep) -> DeadLetterPublic:
+async def replay(letter_id: BigInt, pool: PoolDep) -> DeadLetterPublic:
     """Put the event back in the outbox (after a fix): the router routes it like any other,
     and sets it aside again, reopening this row, if it still fails."""
     async with pool.acquire() as conn:
