@@ -89,6 +89,12 @@ class Settings(BaseSettings):
     push_access_token: str = "dev-push-token"
     # Webhook channel: every message POSTed as signed JSON to this URL; unset = no channel.
     webhook_channel_url: str | None = None
+    # Outbound calls to URLs in journeys and the webhook channel (core.outbound): may they
+    # reach loopback, link-local (cloud metadata), private and reserved addresses? Unset =
+    # yes only when JOURNEYS_ENV is development or test, so a deployment fails closed.
+    outbound_allow_private: bool | None = None
+    # Hosts and CIDRs allowed even when private addresses are not ("crm.internal,10.2.0.0/16").
+    outbound_allowed: str = ""
     # Signs outgoing webhooks (Journeys-Signature: t=..,v1=HMAC-SHA256(t.body)) and verifies
     # provider delivery/bounce callbacks sent to us in the same scheme.
     webhook_signing_secret: str = "dev-webhook-secret"
