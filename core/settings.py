@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -118,6 +118,12 @@ class Settings(BaseSettings):
     # API keys stored in PostgreSQL are cached per API process and reloaded on every change
     # (NOTIFY) and at least this often, in case a notification was missed.
     api_keys_refresh_seconds: float = 10.0
+
+    @field_validator("outbound_allow_private", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        """`OUTBOUND_ALLOW_PRIVATE=` (compose's `${OUTBOUND_ALLOW_PRIVATE:-}`) means unset."""
+        return None if value == "" else value
 
     @property
     def write_keys(self) -> set[str]:

@@ -163,6 +163,8 @@ def test_default_follows_journeys_env_unless_set() -> None:
     assert policy(journeys_env="test").allow_private is True
     assert policy(journeys_env="test", outbound_allow_private=False).allow_private is False
     assert policy(journeys_env="production", outbound_allow_private=True).allow_private is True
+    # Compose passes `OUTBOUND_ALLOW_PRIVATE=` when it is not set: unset, not an error.
+    assert policy(journeys_env="production", outbound_allow_private="").allow_private is False
     allowed = policy(journeys_env="production", outbound_allowed="crm.internal")
     assert allowed.allowed_hosts == frozenset({"crm.internal"})
 
