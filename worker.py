@@ -25,6 +25,7 @@ from activities.launch_activities import LaunchActivities
 from activities.rate_limits import RateLimits, parse_rates
 from activities.router import EventRouter
 from core.logs import configure_logging, get_logger
+from core.outbound import OutboundPolicy, outbound_client
 from core.settings import InsecureSecrets, Settings, get_settings, require_secrets
 from core.temporal import connect
 from store.db import create_pool
@@ -61,10 +62,12 @@ def build_worker(
     rates: RateLimits | None = None,
     signing_secret: str | None = None,
     http: httpx.AsyncClient | None = None,
+    outbound: OutboundPolicy | None = None,
 ) -> JourneyWorker:
-    """`http`: the client for webhook steps and hand-off notifications; the caller keeps
-    ownership of it (and of `channels`). Without one the activities open their own, closed
-    when the worker shuts down."""
+    """`http`: the client for webhook steps and hand-off notifications, a
+    `core.outbound.outbound_client` (they call URLs journey authors wrote); the caller keeps
+    ownership of it (and of `channels`). Without one the activities open their own with the
+    `outbound` policy (default: from the settings), closed when the worker shuts down."""
     # Ids travel as structured fields (see core.logs), not appended to the message text.
     workflow.logger.workflow_info_on_message = False
     activity.logger.activity_info_on_message = False
@@ -77,6 +80,7 @@ def build_worker(
         links=links,
         rates=rates,
         signing_secret=signing_secret,
+        outbound=outbound,
     )
     return JourneyWorker(
         client,
@@ -100,7 +104,8 @@ async def running_worker(
     client: Client, pool: asyncpg.Pool, settings: Settings
 ) -> AsyncIterator[RunningWorker]:
     """Worker + router running together until the context exits. Owns the provider clients:
-    one HTTP client (channels, webhook steps, hand-off notifications) and the channels' SMTP
+    one HTTP client for the operator's provider APIs (SMS, push), one guarded client for URLs
+    that journeys and the webhook channel name (core.outbound), and the channels' SMTP
     connections, all closed after the worker has shut down."""
     router = EventRouter(
         pool,
@@ -116,7 +121,11 @@ async def running_worker(
     )
     async with AsyncExitStack() as owned:
         http = await owned.enter_async_context(httpx.AsyncClient(timeout=settings.provider_timeout))
-        channels = build_channels(settings, http)
+        policy_out = OutboundPolicy.from_settings(settings)
+        guarded = await owned.enter_async_context(
+            outbound_client(policy_out, timeout=settings.provider_timeout)
+        )
+        channels = build_channels(settings, http, outbound=guarded)
         owned.push_async_callback(close_channels, channels)
         worker = await owned.enter_async_context(
             build_worker(
@@ -129,7 +138,7 @@ async def running_worker(
                 links=(settings.public_url, settings.link_secret),
                 rates=RateLimits(parse_rates(settings.channel_rate_limits)),
                 signing_secret=settings.webhook_signing_secret,
-                http=http,
+                http=guarded,
             )
         )
         task = asyncio.create_task(router.run(stop))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -29,7 +30,10 @@ from activities.links import unsubscribe_url
 from activities.rate_limits import RateLimits
 from activities.rendering import TemplateError, render, render_html
 from activities.scoring import MODELS
+from activities.signing import SIGNATURE_HEADER, signature_header
 from activities.tracking import instrument
+from core.outbound import OutboundPolicy, OutboundRefused, outbound_client
+from core.settings import get_settings
 from models.journey import Template
 from models.runtime import (
     ProfileSnapshot,
@@ -115,17 +119,22 @@ class JourneyActivities:
         rates: RateLimits | None = None,
         ranker: ChannelRanker | None = None,
         signing_secret: str | None = None,
+        outbound: OutboundPolicy | None = None,
     ) -> None:
         self.pool = pool
-        self.signing_secret = signing_secret  # signs the webhook step's calls
+        self.signing_secret = signing_secret  # signs webhook steps and hand-off notifications
         self.channels = channels or {c: StoredChannel(c) for c in ("outbox", "in_app")}
         self.rates = rates or RateLimits({})
         self.ranker = ranker or EngagementRanker()
         # (public base URL, signing secret) for unsubscribe and tracked links in email.
         self.links = links
-        # Webhook steps and hand-off notifications; closed by `aclose` only if opened here.
+        # Webhook steps and hand-off notifications call URLs journey authors wrote: a given
+        # client must be a `core.outbound.outbound_client`; the one opened here is, with
+        # `outbound` (default: from the settings). Closed by `aclose` only if opened here.
         self._owns_http = http is None
-        self.http = http or httpx.AsyncClient()
+        if http is None:
+            http = outbound_client(outbound or OutboundPolicy.from_settings(get_settings()))
+        self.http = http
         self.policy = policy or ContactPolicy([])
 
     async def aclose(self) -> None:
@@ -596,14 +605,19 @@ class JourneyActivities:
         self, url: str, body: dict[str, Any], key: str
     ) -> tuple[int | None, str | None]:
         """(status, error) of a hand-off notification; error None means delivered. Bounded like
-        the webhook step: a 4xx is an answer (never retried); a 5xx, 408, 429, timeout or
-        connection error raises (Temporal retries with backoff and the same Idempotency-Key)
-        until attempt NOTIFY_ATTEMPTS, which reports the failure instead."""
+        the webhook step: a 4xx or a URL the outbound guard refuses is an answer (never
+        retried); a 5xx, 408, 429, timeout or connection error raises (Temporal retries with
+        backoff and the same Idempotency-Key) until attempt NOTIFY_ATTEMPTS, which reports the
+        failure instead. Signed like the webhook step (Journeys-Signature over the raw body)."""
         last = not activity.in_activity() or activity.info().attempt >= NOTIFY_ATTEMPTS
+        raw = json.dumps(body, separators=(",", ":")).encode()
+        headers = {"Idempotency-Key": key, "Content-Type": "application/json"}
+        if self.signing_secret:
+            headers[SIGNATURE_HEADER] = signature_header(self.signing_secret, raw)
         try:
-            resp = await self.http.post(
-                url, json=body, headers={"Idempotency-Key": key}, timeout=10
-            )
+            resp = await self.http.post(url, content=raw, headers=headers, timeout=10)
+        except OutboundRefused as err:
+            return None, f"notify_url refused: {err}"
         except httpx.HTTPError as err:
             if last:
                 return None, f"notify_url unreachable after {NOTIFY_ATTEMPTS} attempts: {err!r}"

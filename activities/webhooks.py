@@ -1,5 +1,6 @@
 """Outgoing webhook calls for the `webhook` step, signed like the webhook channel (see
-activities.signing) when a signing secret is configured."""
+activities.signing) when a signing secret is configured. The client is the guarded one
+(core.outbound): a URL that reaches our own network fails the step at once, never retried."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from temporalio.exceptions import ApplicationError
 
 from activities.rendering import TemplateError, render
 from activities.signing import SIGNATURE_HEADER, signature_header
+from core.outbound import OutboundRefused
 from models.runtime import WebhookRequest, WebhookResult
 
 MAX_BODY = 64 * 1024
@@ -53,6 +55,11 @@ async def call(
             headers=headers,
             timeout=req.timeout_seconds,
         )
+    except OutboundRefused as err:
+        # An answer about the URL, not an outage: the step's on_error, like a 4xx.
+        raise ApplicationError(
+            f"step {req.step_id!r}: url refused: {err}", type="OutboundRefused", non_retryable=True
+        ) from err
     except httpx.HTTPError as err:
         raise ApplicationError(f"webhook {req.url}: {err!r}", type="WebhookUnavailable") from err
     if resp.status_code >= 500 or resp.status_code == 429:

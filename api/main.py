@@ -38,6 +38,7 @@ from api.routes import (
 )
 from api.scopes import ROUTE_SCOPES
 from core.logs import configure_logging
+from core.outbound import OutboundPolicy, outbound_client
 from core.settings import Settings, get_settings, require_secrets
 from core.temporal import connect
 from models.segment import CALL_MODELS, BatchCall
@@ -82,8 +83,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         app.state.temporal = await connect(settings.temporal_address, settings.temporal_namespace)
         # Test sends go through the same providers as the worker's sends.
-        async with httpx.AsyncClient(timeout=settings.provider_timeout) as http:
-            app.state.channels = build_channels(settings, http)
+        guarded = outbound_client(  # the webhook channel's URL (core.outbound)
+            OutboundPolicy.from_settings(settings), timeout=settings.provider_timeout
+        )
+        async with httpx.AsyncClient(timeout=settings.provider_timeout) as http, guarded:
+            app.state.channels = build_channels(settings, http, outbound=guarded)
             yield
             for channel in app.state.channels.values():
                 if hasattr(channel, "aclose"):

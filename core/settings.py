@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,6 +89,12 @@ class Settings(BaseSettings):
     push_access_token: str = "dev-push-token"
     # Webhook channel: every message POSTed as signed JSON to this URL; unset = no channel.
     webhook_channel_url: str | None = None
+    # Outbound calls to URLs in journeys and the webhook channel (core.outbound): may they
+    # reach loopback, link-local (cloud metadata), private and reserved addresses? Unset =
+    # yes only when JOURNEYS_ENV is development or test, so a deployment fails closed.
+    outbound_allow_private: bool | None = None
+    # Hosts and CIDRs allowed even when private addresses are not ("crm.internal,10.2.0.0/16").
+    outbound_allowed: str = ""
     # Signs outgoing webhooks (Journeys-Signature: t=..,v1=HMAC-SHA256(t.body)) and verifies
     # provider delivery/bounce callbacks sent to us in the same scheme.
     webhook_signing_secret: str = "dev-webhook-secret"
@@ -112,6 +118,12 @@ class Settings(BaseSettings):
     # API keys stored in PostgreSQL are cached per API process and reloaded on every change
     # (NOTIFY) and at least this often, in case a notification was missed.
     api_keys_refresh_seconds: float = 10.0
+
+    @field_validator("outbound_allow_private", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        """`OUTBOUND_ALLOW_PRIVATE=` (compose's `${OUTBOUND_ALLOW_PRIVATE:-}`) means unset."""
+        return None if value == "" else value
 
     @property
     def write_keys(self) -> set[str]:

@@ -44,14 +44,20 @@ class PermanentDeliveryError(ValueError):
     rejected content, a 4xx about the request) and only this message fails."""
 
     def __init__(
-        self, code: int, message: str, recipient: str | None = None, *, suppress: bool = True
+        self,
+        code: int | None,
+        message: str,
+        recipient: str | None = None,
+        *,
+        suppress: bool = True,
     ) -> None:
+        # code: the provider's (SMTP reply, HTTP status); None when we refused it ourselves.
         self.code = code
         self.message = message
         self.recipient = recipient
         self.suppress = suppress
         where = f" for {recipient}" if recipient else ""
-        super().__init__(f"{code}{where}: {message}")
+        super().__init__(message if code is None else f"{code}{where}: {message}")
 
 
 class ProviderBusy(RuntimeError):
@@ -126,9 +132,13 @@ def _uses(channels: dict[str, Channel], client: Any) -> bool:
 _owned_clients: list[Any] = []
 
 
-def build_channels(settings: Any, http: Any = None) -> dict[str, Channel]:
+def build_channels(settings: Any, http: Any = None, *, outbound: Any = None) -> dict[str, Channel]:
     """The channels this deployment has: outbox and in-app always; email, SMS, push and webhook
-    when their provider is configured. Close them with `close_channels` at shutdown."""
+    when their provider is configured. Close them with `close_channels` at shutdown.
+
+    `http` calls the operator's provider APIs (SMS, push: trusted base URLs); `outbound`, a
+    `core.outbound.outbound_client`, calls the webhook channel's URL, which receives every
+    message and so is checked like a journey's URLs. Either is opened here when not given."""
     channels: dict[str, Channel] = {
         "outbox": StoredChannel("outbox"),
         "in_app": StoredChannel("in_app"),
@@ -147,7 +157,7 @@ def build_channels(settings: Any, http: Any = None) -> dict[str, Channel]:
             start_tls=settings.smtp_start_tls,
             timeout=settings.smtp_timeout,
         )
-    if settings.sms_api_url or settings.push_api_url or settings.webhook_channel_url:
+    if settings.sms_api_url or settings.push_api_url:
         import httpx
 
         from activities.channels import http as providers
@@ -172,8 +182,17 @@ def build_channels(settings: Any, http: Any = None) -> dict[str, Channel]:
                 project_id=settings.push_project_id,
                 access_token=settings.push_access_token,
             )
-        if settings.webhook_channel_url:
-            channels["webhook"] = providers.WebhookChannel(
-                client, url=settings.webhook_channel_url, secret=settings.webhook_signing_secret
+    if settings.webhook_channel_url:
+        from activities.channels.http import WebhookChannel
+        from core.outbound import OutboundPolicy, outbound_client
+
+        guarded = outbound
+        if guarded is None:
+            guarded = outbound_client(
+                OutboundPolicy.from_settings(settings), timeout=settings.provider_timeout
             )
+            _owned_clients.append(guarded)
+        channels["webhook"] = WebhookChannel(
+            guarded, url=settings.webhook_channel_url, secret=settings.webhook_signing_secret
+        )
     return channels

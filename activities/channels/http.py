@@ -37,6 +37,7 @@ from activities.channels import (
     RenderedMessage,
 )
 from activities.signing import SIGNATURE_HEADER, signature_header
+from core.outbound import OutboundRefused
 
 RETRYABLE_4XX = {401, 403, 404, 408, 409, 425}
 # Twilio error codes about the number itself: invalid, not a mobile, unreachable region.
@@ -184,7 +185,9 @@ class PushChannel:
 
 
 class WebhookChannel:
-    """POST the message as JSON, signed (see activities.signing for how receivers verify)."""
+    """POST the message as JSON, signed (see activities.signing for how receivers verify).
+    `http` is the guarded client (core.outbound): a URL inside our network fails the message
+    with the reason instead of being retried."""
 
     name = "webhook"
 
@@ -211,6 +214,10 @@ class WebhookChannel:
             "Content-Type": "application/json",
             SIGNATURE_HEADER: signature_header(self.secret, body),
         }
-        resp = await self.http.post(self.url, content=body, headers=headers)
+        try:
+            resp = await self.http.post(self.url, content=body, headers=headers)
+        except OutboundRefused as err:
+            raise PermanentDeliveryError(None, f"webhook channel URL refused: {err}", None,
+                                         suppress=False) from err  # fmt: skip
         _check(self.name, resp, self.url, _never)
         return Delivery(status="sent", provider_id=message.idempotency_key)
