@@ -47,8 +47,8 @@ def _wrap(deliver: Any) -> Any:
 _build = worker.build_channels
 
 
-def build_channels(settings: Any) -> Any:
-    channels = _build(settings)
+def build_channels(settings: Any, *args: Any, **kwargs: Any) -> Any:
+    channels = _build(settings, *args, **kwargs)
     for channel in channels.values():
         channel.deliver = _wrap(channel.deliver)  # type: ignore[method-assign]
     return channels
