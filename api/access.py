@@ -33,7 +33,7 @@ import asyncpg
 from fastapi.routing import iter_route_contexts
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import compile_path
+from starlette.routing import compile_path, get_route_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from activities.signing import same
@@ -192,7 +192,8 @@ class AccessMiddleware:
             return
         fastapi_app = scope["app"]
         method: str = scope["method"]
-        template, params = self._find(fastapi_app, method, scope.get("path", ""))
+        # The path Starlette routes on (without a `--root-path` prefix), so both agree.
+        template, params = self._find(fastapi_app, method, get_route_path(scope))
         if not template:  # 404 / 405: the app answers those
             await self.app(scope, receive, send)
             return

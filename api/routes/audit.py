@@ -4,17 +4,18 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Query
 
-from api.deps import PoolDep
+from api.deps import AdminDep, PoolDep
+from models.public import BigInt
 from store.audit import AuditPage, page
 
-router = APIRouter(prefix="/v1/audit", tags=["audit"])
+router = APIRouter(prefix="/v1/audit", tags=["audit"], dependencies=[AdminDep])
 
 
 @router.get("", response_model=AuditPage)
 async def index(
     pool: PoolDep,
     limit: int = Query(default=50, ge=1, le=500),
-    before: int | None = Query(default=None, description="`next_before` of the previous page"),
+    before: BigInt | None = Query(default=None, description="`next_before` of the previous page"),
     action: str | None = Query(
         default=None, description="e.g. `POST /v1/journeys/{journey_id}/publish`, `key.create`"
     ),

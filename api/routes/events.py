@@ -8,6 +8,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
+from api.access import PRINCIPAL
 from api.deps import PoolDep, SettingsDep, basic_user, check_write_key, read_body
 from api.errors import ApiError
 from models import safe_json
@@ -63,6 +64,8 @@ async def _accept(pool: PoolDep, events: list[AcceptedEvent]) -> Accepted:
 
 
 def _auth(request: Request, settings: SettingsDep, body: Any) -> None:
+    if request.scope.get(PRINCIPAL) is not None:
+        return  # a key in the header (Basic or Bearer) already passed AccessMiddleware
     key = body.get("writeKey") if isinstance(body, dict) else None
     check_write_key(settings, basic_user(request), key)
 

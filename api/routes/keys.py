@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, Field
 
-from api.deps import PoolDep, PrincipalDep
+from api.deps import AdminDep, PoolDep, PrincipalDep
 from api.errors import ApiError
 from store.api_keys import (
     ApiKeyPublic,
@@ -16,7 +16,7 @@ from store.api_keys import (
     revoke_key,
 )
 
-router = APIRouter(prefix="/v1/keys", tags=["keys"])
+router = APIRouter(prefix="/v1/keys", tags=["keys"], dependencies=[AdminDep])
 
 
 class KeyCreate(BaseModel):

@@ -144,3 +144,47 @@ async def test_the_limit_holds_on_public_and_admin_routes_alike(api, db, path) -
     r = await api.post(path, content=b"x" * (LIMIT + 1), headers=headers)
     assert r.status_code == 413
     assert r.json()["code"] == "too_large"
+
+
+async def test_a_root_path_prefix_does_not_skip_the_access_check(db, settings: Settings) -> None:
+    """Behind a proxy (`uvicorn --root-path /api`) the prefix is in the ASGI path; the access
+    check must match routes as Starlette does, without it."""
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app, root_path="/api")
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as api:
+            for path in ("/api/v1/keys", "/api/v1/audit", "/api/v1/customers/x"):
+                resp = await api.get(path)
+                assert resp.status_code == 401, (path, resp.status_code, resp.text)
+            ok = await api.get("/api/v1/keys", headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+            assert ok.status_code == 200, ok.text
+
+
+async def test_an_ingest_key_works_as_bearer_on_event_routes(api: httpx.AsyncClient) -> None:
+    resp = await api.post(
+        "/v1/track",
+        headers={"Authorization": f"Bearer {WRITE_KEY}"},
+        json={"userId": "u1", "event": "Bearer Works"},
+    )
+    assert resp.status_code == 200, resp.text
+
+
+async def test_encoded_bodies_are_refused_outside_the_event_api(api: httpx.AsyncClient) -> None:
+    """FastAPI ignores Content-Encoding and parses the bytes: an encoded body would reach the
+    route without the input checks, so it is refused (the event API inflates gzip itself)."""
+    for encoding in ("gzip", "br", "identity, identity"):
+        resp = await api.post(
+            "/v1/keys",
+            headers={"Authorization": f"Bearer {ADMIN_KEY}", "Content-Encoding": encoding},
+            content=b'{"name": "a\\u0000b", "scopes": ["read"]}',
+        )
+        assert resp.status_code == 400, (encoding, resp.status_code, resp.text)
+        assert resp.json()["code"] == "unsupported_encoding"
+
+
+async def test_paging_cursors_past_bigint_are_400(api: httpx.AsyncClient) -> None:
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    for path in ("/v1/audit", "/v1/dead-letters"):
+        resp = await api.get(path, params={"before": 10**20}, headers=headers)
+        assert resp.status_code == 400, (path, resp.status_code, resp.text)
+        assert set(resp.json()) == {"code", "message"}
