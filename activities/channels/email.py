@@ -49,6 +49,7 @@ _NO_MAILBOX = re.compile(
     r"not found)|invalid (recipient|mailbox)",
     re.IGNORECASE,
 )
+_SENDER = re.compile(r"sender", re.IGNORECASE)
 _OURS = re.compile(r"relay|auth|polic|spam|block|denied|reject|sender", re.IGNORECASE)
 _POLICY = policy.SMTP.clone(max_line_length=998)
 
@@ -71,8 +72,13 @@ def refusal_kind(code: int, message: str) -> str:
     m = _ENHANCED.match(message)
     if m and int(m.group(1)) == code // 100:
         subject, detail = int(m.group(2)), int(m.group(3))
-        if subject == 1 and detail in (7, 8):  # the sender's address or system
+        # The sender's address or system: 5.1.7 / 5.1.8, or any address code whose text is
+        # about the sender (Postfix reports sender checks at RCPT time: "5.1.0 <noreply@..>:
+        # Sender address rejected"); a bad EMAIL_FROM must not suppress every customer.
+        if subject == 1 and (detail in (7, 8) or _SENDER.search(message)):
             return "ours"
+        if (subject, detail) == (1, 0):  # "other address status": only when it says so
+            return "address" if _NO_MAILBOX.search(message) else "message"
         if subject == 1 or (subject, detail) == (2, 1):
             return "address"
         if subject == 7:  # security or policy: relay denied, authentication, DMARC...

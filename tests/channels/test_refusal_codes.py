@@ -44,6 +44,7 @@ SUPPRESS = [
     "550 mailbox unavailable",  # no enhanced code: the RFC 5321 text of a missing mailbox
     "550 No such user here",
     "553 sorry, user unknown",
+    "550 5.1.0 <x@example.com>: Recipient address rejected: User unknown",
 ]
 # About our setup (relay, authentication, sender, policy): retried, never suppressed.
 OURS = [
@@ -53,6 +54,9 @@ OURS = [
     "550 5.7.26 Unauthenticated email is not accepted from this domain",
     "553 5.1.7 The sender address is invalid",
     "550 5.1.8 Bad sender's system address",
+    # Postfix checks the sender at RCPT time: a bad EMAIL_FROM must not suppress customers.
+    "550 5.1.0 <noreply@mail.example.com>: Sender address rejected: User unknown in local table",
+    "553 5.1.3 <noreply@mail.example.com>: Sender address rejected: not a valid address",
 ]
 # Refused for good but not about the address: this message fails, no suppression.
 MESSAGE_ONLY = [
@@ -62,6 +66,7 @@ MESSAGE_ONLY = [
     "550 relay not permitted",  # no enhanced code, not clearly the mailbox: conservative
     "554 rejected by policy",
     "550 access denied",
+    "550 5.1.0 Address rejected",  # "other address status" that does not say the mailbox is gone
 ]
 
 
