@@ -2,11 +2,15 @@
 
 Validation returns errors that name the field (`batch[3].userId`), never a stack trace.
 
-Timestamps (`timestamp`, `originalTimestamp`, `sentAt`, `receivedAt`, and the batch's
-`sentAt`) must lie between TIMESTAMP_MIN (2000-01-01 UTC) and the time of the request plus
-MAX_CLOCK_SKEW (one day): a date outside that is a client bug, not history, and stored as is it
-would be `-infinity`/`infinity` or overflow in PostgreSQL and break routing. Such an event is
-refused (400 naming the field) rather than clamped, so the sender sees its bug.
+Timestamps follow the spec's clock-skew rule without ever losing an event. A `timestamp` (or
+`originalTimestamp`) outside [TIMESTAMP_MIN (2000-01-01 UTC), now + MAX_CLOCK_SKEW (one day)] is
+a device clock, not history (phones reset to 1970; `0001-01-01`, `9999-12-31`), and stored as is
+it would be `-infinity`/`infinity` or overflow in PostgreSQL and break routing. Refusing it
+would make Segment and RudderStack SDKs drop the whole batch (they drop 4xx batches), so the
+event is kept and its time corrected as Segment does: `receivedAt - (sentAt - originalTimestamp)`
+when the device's `sentAt` is known and the result is in range, else the time it was received.
+The client's value stays in the payload as `originalTimestamp`. Only a value that is not an
+ISO-8601 date at all is a 400 naming the field.
 
 `context.traits` (where the RudderStack SDK puts identify traits) are merged under an
 identify's `traits`, top-level traits winning, so the router applies one `traits` object
@@ -68,8 +72,12 @@ def _id(raw: dict[str, Any], key: str, where: str) -> str | None:
     return text
 
 
-def _time(raw: dict[str, Any], key: str, where: str, now: datetime) -> datetime | None:
-    """An ISO-8601 date in UTC, within [TIMESTAMP_MIN, now + MAX_CLOCK_SKEW]."""
+def _time(raw: dict[str, Any], key: str, where: str) -> datetime | None:
+    """An ISO-8601 date in UTC (any year; see `_in_range`), or None when absent or overflowing.
+
+    `0001-01-01T00:00:00+14:00` parses but is before year 1 in UTC: that overflow is a device
+    clock like any other out-of-range value, so it reads as "no usable time" (None), not an
+    error."""
     v = raw.get(key)
     if v is None:
         return None
@@ -77,18 +85,41 @@ def _time(raw: dict[str, Any], key: str, where: str, now: datetime) -> datetime 
         raise InvalidEvent(f"{where}{key}", "must be an ISO-8601 date string")
     try:
         ts = datetime.fromisoformat(v.replace("Z", "+00:00"))
-        # 0001-01-01T00:00:00+14:00 parses, but is before year 1 in UTC.
-        ts = ts.astimezone(UTC) if ts.tzinfo else ts.replace(tzinfo=UTC)
-    except (ValueError, OverflowError):
+    except ValueError:
         raise InvalidEvent(f"{where}{key}", f"invalid ISO-8601 date {v[:64]!r}") from None
-    latest = now + MAX_CLOCK_SKEW
-    if not TIMESTAMP_MIN <= ts <= latest:
-        raise InvalidEvent(
-            f"{where}{key}",
-            f"{v[:64]!r} is out of range: must be between {TIMESTAMP_MIN.isoformat()} and "
-            f"now + {MAX_CLOCK_SKEW.days} day",
-        )
-    return ts
+    try:
+        return ts.astimezone(UTC) if ts.tzinfo else ts.replace(tzinfo=UTC)
+    except OverflowError:
+        return None
+
+
+def _in_range(ts: datetime | None, now: datetime) -> bool:
+    return ts is not None and TIMESTAMP_MIN <= ts <= now + MAX_CLOCK_SKEW
+
+
+def _event_time(
+    times: dict[str, datetime | None],
+    raw: dict[str, Any],
+    batch_sent_at: datetime | None,
+    now: datetime,
+) -> datetime:
+    """The event's time: its own when sane; else corrected for the device's clock skew with
+    `sentAt` (the spec's formula); else the time it was received. See the module docstring."""
+    given = times["timestamp"] or times["originalTimestamp"]
+    if _in_range(given, now):
+        assert given is not None
+        return given
+    has_given = raw.get("timestamp") is not None or raw.get("originalTimestamp") is not None
+    sent_at = times["sentAt"] or batch_sent_at
+    if has_given and given is not None and sent_at is not None:
+        try:
+            corrected = now - (sent_at - given)
+        except OverflowError:
+            corrected = None
+        if _in_range(corrected, now):
+            assert corrected is not None
+            return corrected
+    return now
 
 
 def _traits(raw: dict[str, Any], typ: str) -> dict[str, Any] | None:
@@ -103,7 +134,12 @@ def _traits(raw: dict[str, Any], typ: str) -> dict[str, Any] | None:
 
 
 def parse_event(
-    raw: Any, *, where: str = "", kind: str | None = None, now: datetime | None = None
+    raw: Any,
+    *,
+    where: str = "",
+    kind: str | None = None,
+    now: datetime | None = None,
+    batch_sent_at: datetime | None = None,
 ) -> AcceptedEvent:
     """Validate one event; `kind` comes from the URL for single-event endpoints."""
     if not isinstance(raw, dict):
@@ -145,9 +181,11 @@ def parse_event(
         if key in raw and raw[key] is not None and not isinstance(raw[key], dict):
             raise InvalidEvent(f"{where}{key}", "must be an object")
     message_id = _id(raw, "messageId", where) or f"gen-{uuid.uuid4()}"
-    times = {key: _time(raw, key, where, now) for key in TIME_FIELDS}
-    timestamp = times["timestamp"] or times["originalTimestamp"] or now
+    times = {key: _time(raw, key, where) for key in TIME_FIELDS}
+    timestamp = _event_time(times, raw, batch_sent_at, now)
     payload = {**raw, "type": typ, "messageId": message_id, "timestamp": timestamp.isoformat()}
+    if raw.get("timestamp") is not None and timestamp != times["timestamp"]:
+        payload.setdefault("originalTimestamp", raw["timestamp"])  # the client's, corrected
     payload.pop("writeKey", None)
     if (traits := _traits(raw, typ)) is not None:
         payload["traits"] = traits
@@ -176,13 +214,13 @@ def parse_batch(body: Any) -> list[AcceptedEvent]:
         find_unsafe({k: v for k, v in body.items() if k != "batch"})
     except UnsafeJson as err:
         raise InvalidEvent(err.field, err.message) from None
-    _time(body, "sentAt", "", now)
+    sent_at = _time(body, "sentAt", "")
     shared_ctx = body.get("context") if isinstance(body.get("context"), dict) else None
     out = []
     for i, item in enumerate(items):
         if shared_ctx and isinstance(item, dict) and "context" not in item:
             item = {**item, "context": shared_ctx}
-        out.append(parse_event(item, where=f"batch[{i}].", now=now))
+        out.append(parse_event(item, where=f"batch[{i}].", now=now, batch_sent_at=sent_at))
     return out
 
 
