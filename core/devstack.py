@@ -112,7 +112,16 @@ class _Supervised:
         now = time.monotonic()
         if self.restart_at is not None:
             if now >= self.restart_at:
-                self.start()
+                try:
+                    self.start()
+                except (OSError, SystemExit) as err:  # e.g. Temporal did not come up: back off
+                    self.failures += 1
+                    delay = min(RESTART_MIN_DELAY * 2 ** (self.failures - 1), RESTART_MAX_DELAY)
+                    self.restart_at = now + delay
+                    log.error("devstack.restart_failed", child=self.name, error=str(err),
+                              restart_in=delay)  # fmt: skip
+                    return
+                assert self.proc is not None
                 log.warning("devstack.child_restarted", child=self.name, pid=self.proc.pid)
             return
         assert self.proc is not None
@@ -188,7 +197,8 @@ def main() -> None:
             log.info("sandbox.started", folder=str(data / "sandbox"), settings=providers)
         env = {
             **os.environ,
-            "JOURNEYS_ENV": "development",  # the dev defaults of core/settings.py are allowed
+            # The dev defaults of core/settings.py are allowed, unless the caller said otherwise.
+            "JOURNEYS_ENV": os.environ.get("JOURNEYS_ENV") or "development",
             "DATABASE_URL": db_url,
             "TEMPORAL_ADDRESS": address,
             **providers,
