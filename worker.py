@@ -17,6 +17,7 @@ from temporalio.worker import Worker
 
 from activities.channels import Channel, build_channels
 from activities.contact_policy import ContactPolicy, parse_caps
+from activities.erasure_activities import ErasureActivities
 from activities.journey_activities import JourneyActivities
 from activities.launch_activities import LaunchActivities
 from activities.rate_limits import RateLimits, parse_rates
@@ -25,6 +26,7 @@ from core.logs import configure_logging, get_logger
 from core.settings import Settings, get_settings
 from core.temporal import connect
 from store.db import create_pool
+from workflows.erase import ErasureWorkflow
 from workflows.journey import JourneyWorkflow
 from workflows.launch import LaunchWorkflow
 
@@ -50,7 +52,7 @@ def build_worker(
     return Worker(
         client,
         task_queue=task_queue,
-        workflows=[JourneyWorkflow, LaunchWorkflow],
+        workflows=[JourneyWorkflow, LaunchWorkflow, ErasureWorkflow],
         activities=[
             *JourneyActivities(
                 pool,
@@ -61,6 +63,7 @@ def build_worker(
                 signing_secret=signing_secret,
             ).all(),
             *launches.all(),
+            *ErasureActivities(pool, client).all(),
         ],
         max_concurrent_activities=200,
     )

@@ -23,6 +23,7 @@ from api.routes import (
     inbox,
     journeys,
     launches,
+    privacy,
     providers,
     reports,
     tasks,
@@ -49,6 +50,7 @@ ROUTES = (
     providers,
     inbox,
     reports,
+    privacy,
 )
 
 
