@@ -1,0 +1,294 @@
+"""Erasure of a customer (DELETE /v1/customers/{ref}): the real router, worker, API, PostgreSQL
+and Temporal dev server. Nothing of the customer may be left in any table or in Temporal;
+only a hashed suppression keeps an opted-out address opted out."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+from temporalio.client import Client
+from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError, RPCStatusCode
+
+from activities.channels import StoredChannel
+from activities.channels.email import EmailChannel
+from activities.contact_policy import ContactPolicy
+from activities.erasure_activities import ErasureActivities
+from models.privacy import ErasureInput, ErasureOutcome, FinishErasure
+from models.runtime import RunSummary
+from models.segment import parse_event
+from store.erasure import hashed_address, start_erasure
+from store.events import store_events
+from tests.conftest import eventually
+from tests.harness import ADMIN, Engine, admin_api, engine, track
+from workflows.erase import erasure_workflow_id
+from workflows.journey import JourneyWorkflow
+
+JOURNEY = {
+    "id": "privacy_welcome",
+    "name": "Privacy welcome",
+    "entry": {"event": "Signed Up"},
+    "re_entry": {"policy": "always"},
+    "steps": [
+        {"id": "hello", "kind": "send", "channel": "email",
+         "template": {"subject": "Welcome", "body": "Welcome!"}},
+        {"id": "note", "kind": "send", "channel": "in_app", "template": {"body": "In the app"}},
+        {"id": "ticket", "kind": "handoff", "queue": "support", "title": "Call the customer"},
+        {"id": "long_wait", "kind": "wait", "duration": "30d"},
+        {"id": "bye", "kind": "send", "channel": "email", "template": {"body": "Bye"}},
+    ],
+}  # fmt: skip
+
+
+@pytest.fixture
+async def privacy_desk(
+    db, pg_url, dev_env, smtp
+) -> AsyncIterator[tuple[Engine, httpx.AsyncClient]]:
+    _, port = smtp
+    mail = EmailChannel(host="127.0.0.1", port=port, sender="Shop <news@shop.example>",
+                        sender_domain="shop.example", timeout=5)  # fmt: skip
+    channels = {"outbox": StoredChannel("outbox"), "in_app": StoredChannel("in_app"), "email": mail}
+    async with engine(db, dev_env, channels=channels) as eng, admin_api(eng, pg_url) as api:
+        await eng.publish(JOURNEY)
+        yield eng, api
+
+
+def _identify(user: str, anon: str | None = None, **traits: Any) -> dict[str, Any]:
+    event = {"type": "identify", "userId": user, "traits": traits,
+             "messageId": f"m-{uuid.uuid4()}"}  # fmt: skip
+    if anon:
+        event["anonymousId"] = anon
+    return event
+
+
+async def _route(eng: Engine) -> None:
+    while await eng.router.route_once():
+        pass
+
+
+async def _at_step(eng: Engine, ref: str, step: str) -> RunSummary:
+    handle = await eng.run("privacy_welcome", ref)
+
+    async def there() -> RunSummary | None:
+        try:
+            summary = await handle.query(JourneyWorkflow.summary)
+        except RPCError:
+            return None
+        return summary if summary.step_id == step else None
+
+    return await eventually(there, within=30, what=f"{ref} at {step}")
+
+
+async def _completed(api: httpx.AsyncClient, erasure_id: str) -> dict[str, Any]:
+    async def done() -> dict[str, Any] | None:
+        body = (await api.get(f"/v1/erasures/{erasure_id}", headers=ADMIN)).json()
+        return body if body["status"] == "completed" else None
+
+    return await eventually(done, within=90, what=f"erasure {erasure_id} completed")
+
+
+async def _rows_mentioning(pool: asyncpg.Pool, needles: list[str]) -> dict[str, int]:
+    """Rows of every table whose text form contains any of the needles (case-insensitive)."""
+    tables = [
+        r["table_name"]
+        for r in await pool.fetch(
+            "SELECT table_name FROM information_schema.tables "
+            "WHERE table_schema = current_schema() AND table_type = 'BASE TABLE'"
+        )
+    ]
+    assert {"customers", "events", "messages", "suppressions", "erasures"} <= set(tables)
+    found: dict[str, int] = {}
+    patterns = [f"%{n}%" for n in needles]
+    for table in tables:
+        n = await pool.fetchval(
+            f'SELECT count(*) FROM "{table}" AS t WHERE t::text ILIKE ANY($1::text[])', patterns
+        )
+        if n:
+            found[table] = n
+    return found
+
+
+async def _visible(client: Client, query: str) -> list[str]:
+    return [f"{wf.id}/{wf.run_id}" async for wf in client.list_workflows(query)]
+
+
+async def test_erasure_leaves_nothing_but_a_hashed_suppression(privacy_desk):
+    eng, api = privacy_desk
+    tag = uuid.uuid4().hex[:8]
+    user, anon = f"eve-{tag}", f"anon-{tag}"
+    email, phone = f"Eve.{tag}@Example.com", "+1 (555) 010-7788"
+    await eng.send(
+        _identify(user, anon, email=email, phone=phone, first_name=f"Evelyn{tag}"),
+        track(user, "Signed Up", plan="pro"),
+        {"type": "page", "anonymousId": anon, "name": "Pricing", "messageId": f"m-{uuid.uuid4()}"},
+    )
+    await _at_step(eng, user, "long_wait")
+    cid = await eng.customer(user)
+    (sent, note) = await eng.messages(user)
+    assert (sent["channel"], sent["status"], sent["address"]) == ("email", "sent", email.lower())
+    assert note["channel"] == "in_app"
+    assert await eng.pool.fetchval("SELECT count(*) FROM tasks WHERE customer_id = $1", cid) == 1
+    r = await api.put(
+        f"/v1/customers/{user}/subscriptions",
+        json={"channel": "email", "topic": "marketing", "status": "unsubscribed"},
+        headers=ADMIN,
+    )
+    assert r.status_code == 200, r.text
+    r = await api.post(
+        "/v1/suppressions", json={"channel": "sms", "address": phone, "reason": "manual"},
+        headers=ADMIN,
+    )  # fmt: skip
+    assert r.status_code == 201, r.text
+    await _route(eng)  # the Unsubscribed event reaches the profile and the run
+    workflow_ids = [
+        r["workflow_id"]
+        for r in await eng.pool.fetch(
+            "SELECT workflow_id FROM journey_runs WHERE customer_id = $1", cid
+        )
+    ]
+    assert workflow_ids
+    assert await _visible(eng.client, f'CustomerId = "{cid}"')
+
+    r = await api.delete(f"/v1/customers/{user}", headers=ADMIN)
+    assert r.status_code == 202, r.text
+    erasure = r.json()
+    assert erasure["status"] in ("running", "completed")
+    again = await api.delete(f"/v1/customers/{email}", headers=ADMIN)
+    assert (again.status_code, again.json()["id"]) == (202, erasure["id"])
+
+    done = await _completed(api, erasure["id"])
+    assert done["requested_by"] and done["requested_at"] and done["completed_at"]
+    assert done["customer_hash"] == hashlib.sha256(cid.encode()).hexdigest()
+    assert done["counts"]["runs"]["found"] >= 1
+    assert done["counts"]["data"]["counts"]["events"] >= 4
+    assert done["counts"]["data"]["suppressed"] == 2  # email (unsubscribed), sms (manual)
+
+    # Nothing of them in any table: ids, email (any case), phone, a trait value.
+    needles = [cid, user, anon, email.lower(), "555) 010-7788", "+15550107788", f"Evelyn{tag}"]
+    assert await _rows_mentioning(eng.pool, needles) == {}
+    # Nor in Temporal: visibility by search attribute and by workflow id, and describe.
+    assert await _visible(eng.client, f'CustomerId = "{cid}"') == []
+    for wid in workflow_ids:
+        assert await _visible(eng.client, f'WorkflowId = "{wid}"') == []
+        with pytest.raises(RPCError) as err:
+            await eng.client.get_workflow_handle(wid).describe()
+        assert err.value.status == RPCStatusCode.NOT_FOUND
+    # The erasure's own history names no one.
+    erasure_run = eng.client.get_workflow_handle(erasure_workflow_id(erasure["id"]))
+    assert not [n for n in needles if n.lower() in await _history_text(erasure_run)]
+
+    # Repeats answer the same erasure; a ref never seen is 404.
+    for ref in (user, anon, email, cid):
+        r = await api.delete(f"/v1/customers/{ref}", headers=ADMIN)
+        assert (r.status_code, r.json()["id"], r.json()["status"]) == (
+            202, erasure["id"], "completed"
+        )  # fmt: skip
+    r = await api.delete(f"/v1/customers/nobody-{tag}", headers=ADMIN)
+    assert (r.status_code, r.json()["code"]) == (404, "not_found")
+    assert (await api.get(f"/v1/customers/{user}", headers=ADMIN)).status_code == 404
+
+    # Suppressions stay, hashed: the opted-out email and the suppressed phone.
+    keys = {(r["channel"], r["address"], r["reason"]) for r in await eng.pool.fetch(
+        "SELECT channel, address, reason FROM suppressions")}  # fmt: skip
+    assert keys == {
+        ("email", hashed_address("email", email), "unsubscribed"),
+        ("sms", hashed_address("sms", phone), "manual"),
+    }
+    async with eng.pool.acquire() as conn:
+        refusal = await ContactPolicy([]).refusal(
+            conn, customer_id="x", channel="sms", category="transactional", topic="t",
+            address="+15550107788",
+        )  # fmt: skip
+    assert refusal == "suppressed"
+
+    # A later event for the same userId makes a fresh profile, and the old address stays
+    # opted out: the new run's email is skipped as suppressed.
+    old_events = {r["message_id"] for r in await eng.pool.fetch("SELECT message_id FROM events")}
+    later = [_identify(user, email=email), track(user, "Signed Up")]
+    await eng.send(*later)
+    fresh = await eng.customer(user)
+    assert fresh != cid
+    profile = (await api.get(f"/v1/customers/{user}", headers=ADMIN)).json()
+    assert profile["traits"] == {"email": email}
+    events = (await api.get(f"/v1/customers/{user}/events", headers=ADMIN)).json()["items"]
+    assert {e["message_id"] for e in events} == {e["messageId"] for e in later}
+    assert not old_events & {e["message_id"] for e in events}
+
+    async def skipped() -> asyncpg.Record | None:
+        rows = await eng.messages(user)
+        return rows[0] if rows else None
+
+    first = await eventually(skipped, within=30, what="the fresh profile's first send")
+    assert (first["channel"], first["status"], first["skip_reason"]) == (
+        "email", "skipped", "suppressed"
+    )  # fmt: skip
+
+
+async def test_events_during_the_erasure_do_not_resurrect_the_profile(privacy_desk):
+    """The worst moments, step by step: an event routed after the runs were ended (it starts
+    a new run and adds a trait to the old profile), and one stored but not routed when the
+    rows are deleted (it came after the request: it makes a fresh profile)."""
+    eng, _ = privacy_desk
+    tag = uuid.uuid4().hex[:8]
+    user = f"ray-{tag}"
+    await eng.send(_identify(user, first_name=f"Ray{tag}"), track(user, "Signed Up"))
+    await _at_step(eng, user, "long_wait")
+    cid = await eng.customer(user)
+    async with eng.pool.acquire() as conn, conn.transaction():
+        row, created = await start_erasure(
+            conn, cid, requested_by="test", source="api", mode="erase"
+        )
+    assert created
+    steps = ErasureActivities(eng.pool, eng.client)
+    inp = ErasureInput(erasure_id=row["id"])
+    ended = await steps.end_customer_runs(inp)
+    assert ended.found == 1
+
+    # Routed between ending the runs and deleting: back to the old profile, a new run starts.
+    await eng.send(_identify(user, secret=f"old-{tag}"), track(user, "Signed Up"))
+    await _at_step(eng, user, "long_wait")  # a new run, between steps (no send in flight)
+    # Stored, not routed yet, when the rows go.
+    await store_events(eng.pool, [parse_event(_identify(user, note=f"new-{tag}")).model_dump()])
+
+    await steps.erase_customer_data(inp)
+    await eventually(lambda: _gone(steps, inp), within=60, what="executions deleted from Temporal")
+    await steps.erase_customer_data(inp)
+    await steps.finish_customer_erasure(
+        FinishErasure(erasure_id=inp.erasure_id, outcome=ErasureOutcome())
+    )
+    assert await _rows_mentioning(eng.pool, [cid, f"Ray{tag}", f"old-{tag}"]) == {}
+    assert await _visible(eng.client, f'CustomerId = "{cid}"') == []
+
+    await _route(eng)
+    fresh = await eng.customer(user)
+    assert fresh != cid
+    traits = await eng.pool.fetchval("SELECT traits FROM customers WHERE id = $1", fresh)
+    assert traits == {"note": f"new-{tag}"}
+
+
+async def _gone(steps: ErasureActivities, inp: ErasureInput) -> bool:
+    try:
+        await steps.delete_customer_executions(inp)
+    except ApplicationError as err:  # the activity's "not yet": deletion is asynchronous
+        if err.type != "ErasurePending":
+            raise
+        return False
+    return True
+
+
+async def _history_text(handle: Any) -> str:
+    """A workflow's history with its payloads decoded (they are base64 in the JSON form)."""
+    raw = (await handle.fetch_history()).to_json()
+    decoded = [
+        base64.b64decode(m).decode(errors="replace")
+        for m in re.findall(r'"data":\s*"([A-Za-z0-9+/=]+)"', raw)
+    ]
+    return (raw + "\n".join(decoded)).lower()
