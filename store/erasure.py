@@ -170,7 +170,8 @@ async def live_run_workflow_ids(conn: Conn, ids: list[str]) -> list[str]:
 
 
 async def addresses(conn: Conn, ids: list[str]) -> set[tuple[str, str]]:
-    """(channel, address) pairs the customer was reachable at: traits, identities, messages."""
+    """(channel, normalized address) the customer was reachable at: traits, identities,
+    messages."""
     out: set[tuple[str, str]] = set()
     for r in await conn.fetch("SELECT traits FROM customers WHERE id = ANY($1::text[])", ids):
         traits = r["traits"] if isinstance(r["traits"], dict) else {}
@@ -190,7 +191,8 @@ async def addresses(conn: Conn, ids: list[str]) -> set[tuple[str, str]]:
         ids,
     ):
         out.add((r["channel"], r["address"]))
-    return {(c, a) for c, a in out if normalize_address(c, a)}
+    normalized = {(c, normalize_address(c, a)) for c, a in out}
+    return {(c, a) for c, a in normalized if a}
 
 
 # -- erasure ----------------------------------------------------------------------------------
@@ -372,7 +374,7 @@ async def export_rows(conn: Conn, customer_id: str) -> dict[str, Any]:
             suppression_keys(channel, address),
         )
         if row is not None:
-            suppressions.append({**dict(row), "address": normalize_address(channel, address)})
+            suppressions.append({**dict(row), "address": address})
     return {
         "merged_ids": [i for i in ids if i != customer_id],
         "events": [dict(r) for r in events],
