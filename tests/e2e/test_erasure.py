@@ -292,3 +292,50 @@ async def _history_text(handle: Any) -> str:
         for m in re.findall(r'"data":\s*"([A-Za-z0-9+/=]+)"', raw)
     ]
     return (raw + "\n".join(decoded)).lower()
+
+
+async def test_segment_regulations_map_onto_erasures(privacy_desk):
+    eng, api = privacy_desk
+    tag = uuid.uuid4().hex[:8]
+    kept, gone = f"kept-{tag}", f"gone-{tag}"
+    await eng.send(
+        _identify(kept, email=f"kept.{tag}@example.com"),
+        _identify(gone, email=f"gone.{tag}@example.com"),
+    )
+    r = await api.post(
+        "/v1/regulations",
+        json={"regulationType": "SUPPRESS", "subjectType": "userId", "subjectIds": [kept]},
+        headers=ADMIN,
+    )
+    assert r.status_code == 202, r.text
+    assert r.json()["regulateId"] == r.json()["erasures"][0]["id"]
+    done = await _completed(api, r.json()["regulateId"])
+    assert done["mode"] == "suppress"
+    # SUPPRESS keeps the customer and blocks their addresses.
+    assert (await api.get(f"/v1/customers/{kept}", headers=ADMIN)).status_code == 200
+    r = await api.post(
+        "/v1/regulations",
+        json={
+            "regulationType": "SUPPRESS_WITH_DELETE",
+            "subjectType": "USER_ID",
+            "subjectIds": [gone, f"never-{tag}"],
+        },
+        headers=ADMIN,
+    )
+    assert r.status_code == 202, r.text
+    assert r.json()["unknownSubjects"] == [f"never-{tag}"]
+    await _completed(api, r.json()["regulateId"])
+    assert (await api.get(f"/v1/customers/{gone}", headers=ADMIN)).status_code == 404
+    assert await _rows_mentioning(eng.pool, [gone]) == {}
+    rows = await eng.pool.fetch("SELECT channel, address, reason FROM suppressions")
+    assert {(r["channel"], r["address"], r["reason"]) for r in rows} == {
+        ("email", hashed_address("email", f"kept.{tag}@example.com"), "regulation"),
+        ("email", hashed_address("email", f"gone.{tag}@example.com"), "regulation"),
+    }
+    bad = await api.post(
+        "/v1/regulations",
+        json={"regulationType": "FORGET", "subjectType": "userId", "subjectIds": [kept]},
+        headers=ADMIN,
+    )
+    assert (bad.status_code, bad.json()["code"]) == (400, "invalid_request")
+    assert "regulationType" in bad.json()["message"]
