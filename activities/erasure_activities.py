@@ -6,6 +6,7 @@ never in the erasure workflow's history."""
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import timedelta
 
 import asyncpg
@@ -40,6 +41,10 @@ log = get_logger("erasure")
 # A run applies an exit between steps; one busy longer than this (a send retrying against a
 # provider that is down) is terminated instead.
 STEER_TIMEOUT = timedelta(seconds=10)
+# Waiting for the server to delete closed executions: how often to look, and for how long
+# in one attempt (workflows.erase gives the activity a heartbeat timeout).
+DELETE_POLL = timedelta(milliseconds=500)
+DELETE_WAIT = timedelta(seconds=90)
 
 
 def _quoted(values: list[str]) -> str:
@@ -67,30 +72,43 @@ class ErasureActivities:
                 found.add((wf.id, wf.run_id))
         return found
 
+    async def _delete(self, workflow_id: str, run_id: str = "") -> bool:
+        """Delete one execution (no run id: the current one). A running execution is
+        terminated and deleted at once; a closed one is deleted by a server task, a little
+        later. Returns False when it is already gone."""
+        try:
+            await self.client.workflow_service.delete_workflow_execution(
+                DeleteWorkflowExecutionRequest(
+                    namespace=self.client.namespace,
+                    workflow_execution=WorkflowExecution(workflow_id=workflow_id, run_id=run_id),
+                )
+            )
+        except RPCError as err:
+            if err.status != RPCStatusCode.NOT_FOUND:
+                raise
+            return False
+        return True
+
     async def _end_run(self, workflow_id: str, erasure_id: str) -> str:
-        """Ask the run to exit (it stops between steps, no send half done); else terminate."""
+        """Ask the run to exit (it stops between steps, no send half done), then delete it
+        while it is still open (its closing activities would only hand events back to
+        routing, and deleting an open execution is immediate)."""
         handle = self.client.get_workflow_handle(workflow_id)
         cmd = SteerCommand(action="exit", reason="customer erased", by=f"erasure:{erasure_id}")
         outcome = "exited"
         try:
             await handle.execute_update(JourneyWorkflow.steer, cmd, rpc_timeout=STEER_TIMEOUT)
         except (WorkflowUpdateFailedError, RPCError) as err:
-            # Not running, mid-start, busy, or already gone.
+            # Not running, mid-start, busy, or already gone: terminated by the deletion.
             log.info("erasure.steer_refused", erasure_id=erasure_id, error=str(err))
             outcome = "terminated"
-        try:
-            # Exited or not: its closing activities would only hand events back to routing.
-            await handle.terminate(reason=f"customer erased ({erasure_id})")
-        except RPCError as err:
-            if err.status != RPCStatusCode.NOT_FOUND:
-                raise
-            return outcome if outcome == "exited" else "gone"
-        return outcome
+        deleted = await self._delete(workflow_id)
+        return outcome if deleted or outcome == "exited" else "gone"
 
     # -- activities --------------------------------------------------------------------
     @activity.defn
     async def end_customer_runs(self, inp: ErasureInput) -> RunsEnded:
-        """End every live journey run of the customer (steer exit, else terminate)."""
+        """End every live journey run of the customer (steer exit, then delete)."""
         ids, _, mode = await erasure_targets(self.pool, inp.erasure_id)
         if not ids or mode == "suppress":
             return RunsEnded()
@@ -107,7 +125,7 @@ class ErasureActivities:
     @activity.defn
     async def erase_customer_data(self, inp: ErasureInput) -> DataErased:
         """Delete their rows, in one transaction with routing held off; runs started for them
-        since `end_customer_runs` (an event routed meanwhile) are terminated first."""
+        since `end_customer_runs` (an event routed meanwhile) are deleted first."""
         ids, _, mode = await erasure_targets(self.pool, inp.erasure_id)
         if not ids:
             return DataErased()
@@ -120,51 +138,44 @@ class ErasureActivities:
                 late |= {w for w, _ in await self._executions(ids, [], running_only=True)}
                 await remember_workflows(conn, inp.erasure_id, sorted(late))
                 for workflow_id in sorted(late):
-                    try:
-                        await self.client.get_workflow_handle(workflow_id).terminate(
-                            reason=f"customer erased ({inp.erasure_id})"
-                        )
-                    except RPCError as err:
-                        if err.status != RPCStatusCode.NOT_FOUND:
-                            raise
+                    await self._delete(workflow_id)
             return await erase_customer(conn, inp.erasure_id, ids, mode, router_lock=CHUNK_LOCK)
 
     @activity.defn
     async def delete_customer_executions(self, inp: ErasureInput) -> ExecutionsDeleted:
-        """Delete their executions from Temporal (history and visibility). Deletion is
-        asynchronous on the server: the activity fails (and is retried) until visibility lists
-        none of them and each workflow id describes as not found."""
+        """Delete their executions from Temporal (history and visibility). The server deletes
+        closed executions asynchronously (about 30 s on the dev server): this waits, with
+        heartbeats, until visibility lists none of them and every workflow id describes as not
+        found; past DELETE_WAIT it fails and is retried."""
         ids, workflow_ids, mode = await erasure_targets(self.pool, inp.erasure_id)
         if not ids or mode == "suppress":
             return ExecutionsDeleted()
-        found = await self._executions(ids, workflow_ids)
-        for workflow_id, run_id in sorted(found):
-            try:
-                await self.client.workflow_service.delete_workflow_execution(
-                    DeleteWorkflowExecutionRequest(
-                        namespace=self.client.namespace,
-                        workflow_execution=WorkflowExecution(
-                            workflow_id=workflow_id, run_id=run_id
-                        ),
-                    )
+        requested: set[tuple[str, str]] = set()
+        started = time.monotonic()
+        while True:
+            listed = await self._executions(ids, workflow_ids)
+            for workflow_id, run_id in sorted(listed - requested):
+                await self._delete(workflow_id, run_id)
+            requested |= listed
+            left = len(listed) + len([w for w in workflow_ids if not await self._described_gone(w)])
+            if not left:
+                return ExecutionsDeleted(deleted=len(requested))
+            if time.monotonic() - started > DELETE_WAIT.total_seconds():
+                raise ApplicationError(
+                    f"{left} executions still listed or described; deletion in progress",
+                    type="ErasurePending",
                 )
-            except RPCError as err:
-                if err.status != RPCStatusCode.NOT_FOUND:
-                    raise
-        left = len(await self._executions(ids, workflow_ids))
-        for workflow_id in workflow_ids:
-            try:
-                await self.client.get_workflow_handle(workflow_id).describe()
-                left += 1
-            except RPCError as err:
-                if err.status != RPCStatusCode.NOT_FOUND:
-                    raise
-        if left:
-            raise ApplicationError(
-                f"{left} executions still listed or described; deletion in progress",
-                type="ErasurePending",
-            )
-        return ExecutionsDeleted(deleted=len(found))
+            activity.heartbeat(left)
+            await asyncio.sleep(DELETE_POLL.total_seconds())
+
+    async def _described_gone(self, workflow_id: str) -> bool:
+        try:
+            await self.client.get_workflow_handle(workflow_id).describe()
+        except RPCError as err:
+            if err.status != RPCStatusCode.NOT_FOUND:
+                raise
+            return True
+        return False
 
     @activity.defn
     async def finish_customer_erasure(self, done: FinishErasure) -> None:

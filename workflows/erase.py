@@ -3,10 +3,10 @@
 A worker crash, a database outage or a Temporal restart only delays it: every step is an
 idempotent activity retried until it succeeds. The order matters:
 
-1. end the customer's journey runs (steer exit between steps, else terminate), so no send is
-   half done when their data goes;
+1. end the customer's journey runs (steer exit between steps, then delete the execution, which
+   terminates it if it is still open), so no send is half done when their data goes;
 2. delete their rows in one transaction with event routing held off (runs an event started
-   meanwhile are terminated first), keeping only hashed suppressions;
+   meanwhile are deleted first), keeping only hashed suppressions;
 3. delete their Temporal executions, until visibility lists none;
 4. delete again: rows written by an activity that was still in flight when its run ended;
 5. record the outcome; the erasure record keeps hashes only.
@@ -68,7 +68,9 @@ class ErasureWorkflow:
             ErasureActivities.delete_customer_executions,
             inp,
             summary="delete executions",
-            **ERASURE_ACTIVITY,
+            start_to_close_timeout=timedelta(minutes=3),
+            heartbeat_timeout=timedelta(seconds=20),
+            retry_policy=ERASURE_RETRY,
         )
         self.stage = "sweeping"
         late = await workflow.execute_activity_method(
