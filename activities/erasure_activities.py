@@ -13,7 +13,11 @@ import asyncpg
 from temporalio import activity
 from temporalio.api.common.v1 import WorkflowExecution
 from temporalio.api.workflowservice.v1 import DeleteWorkflowExecutionRequest
-from temporalio.client import Client, WorkflowUpdateFailedError
+from temporalio.client import (
+    Client,
+    WorkflowUpdateFailedError,
+    WorkflowUpdateRPCTimeoutOrCancelledError,
+)
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
@@ -98,8 +102,13 @@ class ErasureActivities:
         outcome = "exited"
         try:
             await handle.execute_update(JourneyWorkflow.steer, cmd, rpc_timeout=STEER_TIMEOUT)
-        except (WorkflowUpdateFailedError, RPCError) as err:
-            # Not running, mid-start, busy, or already gone: terminated by the deletion.
+        except (
+            WorkflowUpdateFailedError,
+            WorkflowUpdateRPCTimeoutOrCancelledError,
+            RPCError,
+        ) as err:
+            # Not running, mid-start, busy (no worker, a long step), or already gone: ended
+            # by the deletion instead.
             log.info("erasure.steer_refused", erasure_id=erasure_id, error=str(err))
             outcome = "terminated"
         deleted = await self._delete(workflow_id)

@@ -28,6 +28,9 @@ from models.segment import parse_event
 from store.erasure import hashed_address, start_erasure
 from store.events import store_events
 from tests.conftest import eventually
+from tests.e2e.conftest import WRITE_KEY as STACK_WRITE_KEY
+from tests.e2e.conftest import Stack
+from tests.e2e.conftest import admin as stack_admin
 from tests.harness import ADMIN, Engine, admin_api, engine, track
 from workflows.erase import erasure_workflow_id
 from workflows.journey import JourneyWorkflow
@@ -107,9 +110,11 @@ async def _at_step(
     return await eventually(there, within=30, what=f"{ref} at {step}")
 
 
-async def _completed(api: httpx.AsyncClient, erasure_id: str) -> dict[str, Any]:
+async def _completed(
+    api: httpx.AsyncClient, erasure_id: str, headers: dict[str, str] = ADMIN
+) -> dict[str, Any]:
     async def done() -> dict[str, Any] | None:
-        body = (await api.get(f"/v1/erasures/{erasure_id}", headers=ADMIN)).json()
+        body = (await api.get(f"/v1/erasures/{erasure_id}", headers=headers)).json()
         return body if body["status"] == "completed" else None
 
     return await eventually(done, within=90, what=f"erasure {erasure_id} completed")
@@ -360,3 +365,41 @@ async def _history_text(handle: Any) -> str:
         for m in re.findall(r'"data":\s*"([A-Za-z0-9+/=]+)"', raw)
     ]
     return (raw + "\n".join(decoded)).lower()
+
+
+async def test_an_erasure_requested_while_the_worker_is_down_completes_when_it_returns(
+    stack: Stack, db
+):
+    """Real processes: the API accepts the erasure (a workflow) with no worker running,
+    repeats answer the same running erasure, and a worker started later carries it out."""
+    stack.start_api()
+    stack.start_worker()
+    tag = uuid.uuid4().hex[:8]
+    user = f"down-{tag}"
+    async with httpx.AsyncClient(base_url=stack.api_url, headers=stack_admin()) as api:
+        assert (await api.post("/v1/journeys", json=LATE_JOURNEY)).status_code == 200
+        events = {"batch": [_identify(user, email=f"{user}@example.com"), track(user, "Came Back")]}
+        r = await api.post("/v1/batch", json=events, auth=(STACK_WRITE_KEY, ""))
+        assert r.status_code == 200, r.text
+
+        async def running() -> bool:
+            return bool(
+                await db.fetchval("SELECT count(*) FROM journey_runs WHERE status = 'running'")
+            )
+
+        await eventually(running, within=30, what="the run started")
+        cid = await db.fetchval("SELECT customer_id FROM identities WHERE value = $1", user)
+        stack.kill("worker")
+
+        r = await api.delete(f"/v1/customers/{user}", headers=stack_admin())
+        assert (r.status_code, r.json()["status"]) == (202, "running"), r.text
+        erasure_id = r.json()["id"]
+        again = await api.delete(f"/v1/customers/{user}", headers=stack_admin())
+        assert (again.status_code, again.json()["id"]) == (202, erasure_id)
+        status = (await api.get(f"/v1/erasures/{erasure_id}", headers=stack_admin())).json()
+        assert status["status"] == "running"
+
+        stack.start_worker()
+        done = await _completed(api, erasure_id, headers=stack_admin())
+        assert done["counts"]["runs"]["found"] == 1
+        assert await _rows_mentioning(db, [cid, user]) == {}
