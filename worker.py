@@ -20,6 +20,7 @@ from temporalio.worker import Worker
 
 from activities.channels import Channel, build_channels, close_channels
 from activities.contact_policy import ContactPolicy, parse_caps
+from activities.erasure_activities import ErasureActivities
 from activities.journey_activities import JourneyActivities
 from activities.launch_activities import LaunchActivities
 from activities.rate_limits import RateLimits, parse_rates
@@ -29,6 +30,7 @@ from core.outbound import OutboundPolicy, outbound_client
 from core.settings import InsecureSecrets, Settings, get_settings, require_secrets
 from core.temporal import connect
 from store.db import create_pool
+from workflows.erase import ErasureWorkflow
 from workflows.journey import JourneyWorkflow
 from workflows.launch import LaunchWorkflow
 
@@ -85,8 +87,8 @@ def build_worker(
     return JourneyWorker(
         client,
         task_queue=task_queue,
-        workflows=[JourneyWorkflow, LaunchWorkflow],
-        activities=[*journeys.all(), *launches.all()],
+        workflows=[JourneyWorkflow, LaunchWorkflow, ErasureWorkflow],
+        activities=[*journeys.all(), *launches.all(), *ErasureActivities(pool, client).all()],
         max_concurrent_activities=200,
         journey_activities=journeys,
     )

@@ -14,7 +14,7 @@ from typing import Any
 import asyncpg
 
 from models.durations import parse_duration
-from store.feedback import normalize_address
+from store.erasure import suppression_keys
 from store.profiles import lock_contact
 
 # Where each channel's address lives on the profile.
@@ -123,10 +123,11 @@ class ContactPolicy:
     ) -> str | None:
         """Suppression and consent (not caps): checked when a send is reserved, and again
         right before it goes out, since a retried send may wait for hours."""
+        # Plain, or hashed: an erased customer's opted-out address stays blocked (store.erasure).
         if address is not None and await conn.fetchval(
-            "SELECT 1 FROM suppressions WHERE channel = $1 AND address = $2",
+            "SELECT 1 FROM suppressions WHERE channel = $1 AND address = ANY($2::text[])",
             channel,
-            normalize_address(channel, address),
+            suppression_keys(channel, address),
         ):
             return "suppressed"
         rows = await conn.fetch(

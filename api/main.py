@@ -29,6 +29,7 @@ from api.routes import (
     journeys,
     keys,
     launches,
+    privacy,
     providers,
     reports,
     tasks,
@@ -60,6 +61,7 @@ ROUTES = (
     keys,
     audit,
     dead_letters,
+    privacy,
 )
 
 

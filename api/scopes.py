@@ -144,6 +144,11 @@ ROUTE_SCOPES: dict[tuple[str, str], Rule] = {
     ("GET", "/v1/keys"): _ADMIN,
     ("DELETE", "/v1/keys/{key_id}"): _ADMIN,
     ("GET", "/v1/audit"): _ADMIN,
+    # -- admin: privacy (erasure, and the export of everything held about a person) ----------
+    ("DELETE", "/v1/customers/{ref}"): _ADMIN,
+    ("GET", "/v1/erasures/{erasure_id}"): _ADMIN,
+    ("POST", "/v1/regulations"): _ADMIN,
+    ("GET", "/v1/customers/{ref}/export"): _ADMIN,
 }
 
 

@@ -387,3 +387,44 @@ class AuditEntry(SQLModel, table=True):
     before_version: int | None = None
     after_version: int | None = None
     detail: dict[str, Any] = _json()
+
+
+class Erasure(SQLModel, table=True):
+    """A customer's erasure (right to be forgotten): the durable record of who asked, when and
+    how far it got. While it runs it knows the customer's ids; once done it keeps only hashes
+    (`customer_hash`, `ref_hashes`), so a repeated request is recognised without the data."""
+
+    __tablename__ = "erasures"
+    __table_args__ = (
+        # One erasure in flight per customer: a second DELETE joins it.
+        sa.Index(
+            "ux_erasures_running_customer",
+            "customer_id",
+            unique=True,
+            postgresql_where=sa.text("status = 'running'"),
+        ),
+        sa.Index("ix_erasures_ref_hashes", "ref_hashes", postgresql_using="gin"),
+    )
+    id: str = Field(primary_key=True, max_length=64)
+    mode: str = Field(max_length=32, description="erase | suppress | suppress_and_erase")
+    status: str = Field(max_length=16, description="running | completed")
+    customer_hash: str = Field(max_length=64, description="sha256 of the customer id")
+    # Cleared when the erasure completes.
+    customer_id: str | None = Field(default=None, max_length=64)
+    customer_ids: list[str] | None = Field(
+        default=None, sa_column=sa.Column(sa.ARRAY(sa.String()), nullable=True)
+    )
+    workflow_ids: list[str] | None = Field(
+        default=None, sa_column=sa.Column(sa.ARRAY(sa.String()), nullable=True)
+    )
+    ref_hashes: list[str] = Field(
+        default_factory=list,
+        sa_column=sa.Column(
+            sa.ARRAY(sa.String()), nullable=False, server_default=sa.text("'{}'::varchar[]")
+        ),
+    )
+    requested_by: str = Field(max_length=256)
+    source: str = Field(max_length=32, description="api | regulation")
+    counts: dict[str, Any] = _json()
+    requested_at: datetime | None = _ts()
+    completed_at: datetime | None = _ts(nullable=True, default=False)
