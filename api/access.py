@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
 import json
 import re
 from contextvars import ContextVar
@@ -280,7 +281,7 @@ class AccessMiddleware:
         fields: dict[str, Any] = {
             "key_id": principal.key_id,
             "action": action,
-            "target": params,
+            "target": _impersonal(params),
             "status": status,
             "before_version": before,
         }
@@ -294,6 +295,20 @@ class AccessMiddleware:
             # The action itself already happened (and committed); answering an error now would
             # make the client retry it. The entry goes to the log instead, loudly.
             log.error("audit.write_failed", error=str(err), **fields)
+
+
+# Path parameters that name a person (a customer ref: id, userId, email; an address). The
+# append-only audit log keeps only their SHA-256 (the same hash the erasure record keeps of a
+# ref), so erasing a customer leaves nothing readable of them in it, and an auditor can still
+# find a customer's entries by hashing the ref.
+PERSONAL_PARAMS = frozenset({"ref", "address"})
+
+
+def _impersonal(params: dict[str, str]) -> dict[str, str]:
+    return {
+        k: "sha256:" + hashlib.sha256(v.encode()).hexdigest() if k in PERSONAL_PARAMS else v
+        for k, v in params.items()
+    }
 
 
 async def _limited(scope: Scope, receive: Receive, limit: int) -> Receive:
