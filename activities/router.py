@@ -88,6 +88,15 @@ _CLOSED_ABNORMALLY = {
 }
 
 
+def _connection_lost(conn: asyncpg.Connection) -> bool:
+    """Closed, or already taken back by the pool after its backend died (asyncpg then
+    answers every call on the detached wrapper with InterfaceError)."""
+    try:
+        return conn.is_closed()
+    except asyncpg.InterfaceError:
+        return True
+
+
 def data_error(err: BaseException) -> bool:
     """True when `err` says something about the events routed, not about an outage."""
     if isinstance(err, RPCError):
@@ -161,6 +170,7 @@ class EventRouter:
         self._wake = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()
         self._reconcile_after = ""  # enrollment id cursor: each pass takes the next page
+        self._leader_pid: int | None = None
 
     def journeys_changed(self) -> None:
         """Definitions or statuses changed: reload them before the next chunk is routed."""
@@ -181,8 +191,31 @@ class EventRouter:
                     await asyncio.wait_for(stop.wait(), backoff)
                 backoff = min(backoff * 2, 5.0)
 
+    @property
+    def leader_pid(self) -> int | None:
+        """The PostgreSQL backend pid of the connection holding leadership (None when this
+        router is not the leader): what an operator or a test terminates to force a
+        takeover."""
+        return self._leader_pid
+
     async def _lead(self, stop: asyncio.Event) -> None:
+        """Hold leadership on one connection, routing until `stop` or until the connection
+        is lost (then return: `run` elects again at once).
+
+        A backend that dies makes asyncpg hand the connection back to the pool and detach
+        the wrapper we hold: every later call on it, `is_closed()` included, raises
+        InterfaceError. So the loss is detected by a termination listener (and by that
+        error), and the sweeper is stopped in `finally` whatever ends the leadership, or
+        each re-election would start one more."""
         conn: asyncpg.Connection = await self.pool.acquire()
+        lost = asyncio.Event()
+
+        def on_lost(_: object) -> None:
+            lost.set()
+            self._wake.set()  # stop waiting for work: there is no leadership to route with
+
+        conn.add_termination_listener(on_lost)
+        sweeper: asyncio.Task[None] | None = None
         try:
             while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", LEADER_LOCK):
                 with contextlib.suppress(TimeoutError):
@@ -191,14 +224,15 @@ class EventRouter:
                     return
             await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
             await conn.add_listener("journeys_changed", self._on_journeys)
+            self._leader_pid = conn.get_server_pid()
             self._journeys_stale = True
-            log.info("router.leader")
+            log.info("router.leader", pid=self._leader_pid)
             backoff = 0.2
             # The sweep of interrupted starts runs beside routing, never in its way.
-            sweeper = asyncio.create_task(self._sweep(stop))
+            sweeper = asyncio.create_task(self._sweep(stop), name="router.sweep")
             while not stop.is_set():
-                if conn.is_closed():
-                    sweeper.cancel()
+                if lost.is_set() or _connection_lost(conn):
+                    log.warning("router.leader_connection_lost")
                     return  # lost the lock with the connection: become leader again
                 # Cleared before routing: a NOTIFY during this round wakes the next one.
                 self._wake.clear()
@@ -222,10 +256,21 @@ class EventRouter:
                 for w in waiters:
                     w.cancel()
         finally:
-            if not conn.is_closed():
-                with contextlib.suppress(Exception):
-                    await conn.execute("SELECT pg_advisory_unlock_all()")
-            with contextlib.suppress(Exception):
+            self._leader_pid = None
+            if sweeper is not None:
+                sweeper.cancel()
+                await asyncio.wait([sweeper])  # ended before another leadership starts one
+            if not lost.is_set() and not _connection_lost(conn):
+                conn.remove_termination_listener(on_lost)
+                # The pool's reset on release runs pg_advisory_unlock_all and UNLISTEN *; the
+                # listeners are removed here so asyncpg does not warn about them. A connection
+                # failing now is as good as released: its locks went with it.
+                with contextlib.suppress(asyncpg.InterfaceError, asyncpg.PostgresError, OSError):
+                    await conn.remove_listener(NOTIFY_CHANNEL, self._on_notify)
+                    await conn.remove_listener("journeys_changed", self._on_journeys)
+            # A no-op for a connection asyncpg already took back after its backend died; a
+            # reset that fails terminates the connection (asyncpg), which is what we want.
+            with contextlib.suppress(asyncpg.InterfaceError, asyncpg.PostgresError, OSError):
                 await self.pool.release(conn)
 
     def _on_notify(self, *_: Any) -> None:
@@ -352,7 +397,11 @@ class EventRouter:
             try:
                 return await self._route_chunk(conn)
             finally:
-                await conn.execute("SELECT pg_advisory_unlock($1)", CHUNK_LOCK)
+                # A lost connection took the lock with it (and the pool's reset runs
+                # pg_advisory_unlock_all): failing to unlock it must not hide the error that
+                # ended the chunk.
+                with contextlib.suppress(asyncpg.InterfaceError, asyncpg.PostgresConnectionError):
+                    await conn.execute("SELECT pg_advisory_unlock($1)", CHUNK_LOCK)
 
     async def _route_chunk(self, conn: asyncpg.Connection) -> int:
         rows = await conn.fetch(_SELECT, self.batch_size)

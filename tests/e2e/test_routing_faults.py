@@ -9,6 +9,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from temporalio.client import WorkflowHandle
 from temporalio.service import RPCError, RPCStatusCode
 
 import activities.router as router_module
@@ -217,4 +218,156 @@ async def test_transient_errors_do_not_dead_letter(eng, monkeypatch, error):
             await eng.send(identify("tt1"), track("tt1", "Started"))
     assert await _route_all(eng) == 6  # three tries stored two events each; none is lost
     await eventually(lambda: _greeted(eng, "tt1"), what="tt1 greeted")
+    assert await dead_letters(eng) == []
+
+
+# -- a lost leader connection: one sweeper, routing goes on ---------------------------------
+
+
+async def _leader_pid(eng: Engine) -> int | None:
+    """The backend holding the router's leader lock (an advisory lock on a bigint key)."""
+    return await eng.pool.fetchval(
+        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND classid = 0 AND objid = $1 "
+        "AND granted",
+        router_module.LEADER_LOCK,
+    )
+
+
+def _sweepers() -> int:
+    return sum(
+        1
+        for t in asyncio.all_tasks()
+        if not t.done() and getattr(t.get_coro(), "__qualname__", "") == "EventRouter._sweep"
+    )
+
+
+async def test_a_lost_leader_connection_leaves_one_sweeper_and_routing_goes_on(eng):
+    stop = asyncio.Event()
+    running = asyncio.create_task(eng.router.run(stop))
+    try:
+        killed: set[int] = set()
+        for _ in range(3):
+            pid = await eventually(
+                lambda: _new_leader(eng, killed), what="a leader holding the lock"
+            )
+            await eventually(lambda: _sweepers_started(), what="the leader's sweeper")
+            assert await eng.pool.fetchval("SELECT pg_terminate_backend($1)", pid)
+            killed.add(pid)
+        await eventually(lambda: _new_leader(eng, killed), what="a leader after the kills")
+        await eventually(lambda: _sweepers_started(), what="the new leader's sweeper")
+        assert _sweepers() == 1
+        await store_only(eng, identify("lc1"), track("lc1", "Started"))
+        await eventually(lambda: _greeted(eng, "lc1"), what="lc1 greeted by the new leader")
+        assert _sweepers() == 1
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, timeout=30)
+    assert _sweepers() == 0
+
+
+async def _new_leader(eng: Engine, killed: set[int]) -> int | None:
+    pid = await _leader_pid(eng)
+    return pid if pid is not None and pid not in killed else None
+
+
+async def _sweepers_started() -> bool:
+    return _sweepers() > 0
+
+
+async def test_a_connection_lost_mid_chunk_does_not_hide_the_error(eng, monkeypatch):
+    class RealError(Exception):
+        pass
+
+    async def dies(self: Any, conn: asyncpg.Connection) -> int:
+        lost = asyncio.Event()
+        conn.add_termination_listener(lambda _: lost.set())
+        await eng.pool.execute("SELECT pg_terminate_backend($1)", conn.get_server_pid())
+        await asyncio.wait_for(lost.wait(), timeout=10)
+        raise RealError("what went wrong first")
+
+    monkeypatch.setattr(router_module.EventRouter, "_route_chunk", dies)
+    with pytest.raises(RealError):
+        await eng.router.route_once()
+    monkeypatch.undo()
+    await eng.send(identify("lm1"), track("lm1", "Started"))
+    await eventually(lambda: _greeted(eng, "lm1"), what="lm1 greeted")
+
+
+# -- what is the event's fault, and what is not --------------------------------------------
+
+PINGER = {
+    "id": "pinger",
+    "name": "Pinger",
+    "entry": {"event": "Started"},
+    "steps": [
+        {"id": "listen", "kind": "wait_for", "timeout": "30d",
+         "events": [{"event": "Ping", "next": "reply"}]},
+        {"id": "reply", "kind": "send", "template": {"body": "pong"}},
+    ],
+}  # fmt: skip
+
+
+async def test_a_signal_one_run_rejects_dead_letters_the_event_and_the_rest_flows(
+    eng, monkeypatch
+):
+    await eng.publish(PINGER)
+    await eng.send(identify("full"), track("full", "Started"), identify("ok"), track("ok", "Started"))
+    full = (await eng.run("pinger", "full")).id
+    real = WorkflowHandle.signal
+
+    async def over_limit(self: WorkflowHandle, signal: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.id == full:  # what the server answers a run past its 10,000 signals
+            raise RPCError(
+                "exceeded workflow execution limit for signal events",
+                RPCStatusCode.INVALID_ARGUMENT,
+                b"",
+            )
+        return await real(self, signal, *args, **kwargs)
+
+    monkeypatch.setattr(WorkflowHandle, "signal", over_limit)
+    ping = track("full", "Ping")
+    await eng.send(ping, track("ok", "Ping"))
+
+    async def ponged() -> bool:
+        return any(m["body"] == "pong" for m in await eng.messages("ok"))
+
+    await eventually(ponged, what="the other run answered")
+    (letter,) = await dead_letters(eng)
+    assert letter["message_id"] == ping["messageId"]
+    assert "exceeded workflow execution limit" in letter["error"]
+
+
+async def test_a_failure_of_every_start_dead_letters_nothing(eng, monkeypatch):
+    async def refused(*args: Any) -> Any:  # e.g. a search attribute missing on the server
+        raise RPCError(
+            "search attribute JourneyStep is not defined", RPCStatusCode.INVALID_ARGUMENT, b""
+        )
+
+    monkeypatch.setattr(router_module, "start_run", refused)
+    users = [f"sa-{i}" for i in range(3)]
+    with pytest.raises(RPCError):
+        await eng.send(*[e for u in users for e in (identify(u), track(u, "Started"))])
+    with pytest.raises(RPCError):
+        await eng.router.route_once()  # retried, still failing: still nothing set aside
+    assert await dead_letters(eng) == []
+    monkeypatch.undo()  # the operator registers the attribute
+    assert await _route_all(eng) == 6
+    for u in users:
+        await eventually(lambda u=u: _greeted(eng, u), what=f"{u} greeted")
+    assert await dead_letters(eng) == []
+
+
+async def test_an_error_every_event_hits_is_systemic_and_dead_letters_nothing(eng, monkeypatch):
+    def broken(name: object) -> bool:  # a bug every event runs into
+        raise ValueError("timezone check is broken")
+
+    monkeypatch.setattr(profiles_module, "valid_timezone", broken)
+    users = [f"sy-{i}" for i in range(3)]
+    with pytest.raises(router_module.SystemicRoutingError):
+        await eng.send(*[e for u in users for e in (identify(u), track(u, "Started"))])
+    assert await dead_letters(eng) == []
+    monkeypatch.undo()  # the fix is deployed
+    assert await _route_all(eng) == 6
+    for u in users:
+        await eventually(lambda u=u: _greeted(eng, u), what=f"{u} greeted")
     assert await dead_letters(eng) == []
