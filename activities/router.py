@@ -17,7 +17,28 @@ One router is active at a time (advisory lock), which keeps a customer's events 
 No event blocks the others. A chunk that fails with an error that says something about its
 data (not an outage) is cut in halves and routed again, down to single events; an event that
 still fails on its own, twice, is set aside in `dead_letters` with its error and everything
-else flows. Outages (database, Temporal) never dead-letter: the round is retried with backoff.
+else flows. Which failures are the event's own:
+
+- data errors: raised while reading or applying the event's payload (`UnroutableEvent`, and
+  the ValueError/TypeError/KeyError... family from code handling it), and a refusal by the one
+  run the event is for (`EventRejected`: a signal over the server's size limit, a run past its
+  signal limit), which other runs do not share;
+- and only when the failure is not everyone's: an event is dead-lettered only if at least one
+  other event of the same round routed fine. If every event of a round fails (a bug all
+  events run into, a misconfigured server) the round fails with `SystemicRoutingError`:
+  logged, retried with backoff, nothing set aside, and routing resumes by itself once fixed.
+
+Not the event's fault, never dead-lettered:
+
+- outages (database, Temporal unreachable, timeouts) and refusals of a start by the server
+  (our inputs are bounded, so an INVALID_ARGUMENT there is the server's configuration, e.g. a
+  search attribute missing): the round is retried with backoff;
+- stored state this code cannot read (`RunStateUnusable`: a run's pinned definition or entry
+  event that no longer validates). It is a fault of that journey or run, not of the events,
+  and dead-lettering would set aside every event of those customers. Their events are held
+  back (left in the outbox, in order), the others are routed, and the round ends with
+  `RoutingHeld`: logged as an error and retried with backoff until the state or code is
+  fixed.
 Nothing in a chunk waits for a workflow to make progress: runs ended by a merge are told so in
 the background, and `reconcile` (beside the sweep) repeats it and catches runs ended outside
 our code.
@@ -39,11 +60,13 @@ from temporalio.client import (
     WorkflowExecutionStatus,
     WorkflowHistoryEventFilterType,
     WorkflowUpdateFailedError,
+    WorkflowUpdateRPCTimeoutOrCancelledError,
     WorkflowUpdateStage,
 )
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.enrollment import (
+    RunStateUnusable,
     Start,
     enroll,
     load_history,
@@ -55,7 +78,7 @@ from models.journey import EventMatch, JourneyDefinition
 from models.runtime import JourneyEvent, SteerCommand
 from store.events import NOTIFY_CHANNEL, dead_letter
 from store.journeys import RoutedJourney, record_run_abandoned, routed_journeys
-from store.profiles import StoredEvent, resolve_and_apply
+from store.profiles import StoredEvent, UnroutableEvent, resolve_and_apply
 from workflows.journey import JourneyWorkflow
 
 log = structlog.stdlib.get_logger("router")
@@ -67,12 +90,13 @@ _SELECT = """
 SELECT id, message_id, type, event, user_id, anonymous_id, previous_id, timestamp, payload
 FROM events WHERE routed_at IS NULL ORDER BY timestamp, id LIMIT $1
 """
-# Errors that come from an event's data and repeat whenever it is routed. Anything else (the
-# database or Temporal unreachable, a deadlock, a timeout) is an outage: retried, never
-# dead-lettered.
+# Errors that come from an event's data and repeat whenever it is routed (and are only
+# dead-lettered if other events route: see the module docstring). Anything else (the database
+# or Temporal unreachable, a deadlock, a timeout, the server refusing a start) is retried,
+# never dead-lettered.
 _DATA_ERRORS: tuple[type[BaseException], ...] = (
     TypeError,
-    ValueError,  # pydantic's ValidationError and store.profiles.UnroutableEvent too
+    ValueError,  # pydantic's ValidationError, UnroutableEvent and EventRejected too
     KeyError,
     IndexError,
     AttributeError,
@@ -97,12 +121,36 @@ def _connection_lost(conn: asyncpg.Connection) -> bool:
         return True
 
 
+class EventRejected(UnroutableEvent):
+    """The one run these events are for refused them (INVALID_ARGUMENT: over the server's
+    payload limit, past the run's signal limit): the events' fault, not everyone's."""
+
+
+class SystemicRoutingError(RuntimeError):
+    """Every event of a round failed with what looks like a data error: a fault of the
+    system (a bug every event runs into, a misconfigured server), so nothing is set aside;
+    the round is retried with backoff. The first error is the cause."""
+
+
+class RoutingHeld(RuntimeError):
+    """Some events were held back because stored state of their journey or run cannot be
+    read (`RunStateUnusable`, the cause); the rest of the round was routed. Retried with
+    backoff."""
+
+
 def data_error(err: BaseException) -> bool:
     """True when `err` says something about the events routed, not about an outage."""
-    if isinstance(err, RPCError):
-        # The server refused the request itself (e.g. a payload over its limits).
-        return err.status == RPCStatusCode.INVALID_ARGUMENT
     return isinstance(err, _DATA_ERRORS)
+
+
+@dataclass
+class _Round:
+    """What one round of bisection found: events routed, and the events that failed alone
+    (set aside only if something else routed) or were held back."""
+
+    routed: int = 0
+    suspects: list[tuple[StoredEvent, BaseException]] = field(default_factory=list)
+    held: list[tuple[StoredEvent, RunStateUnusable]] = field(default_factory=list)
 
 
 def journey_event(e: StoredEvent) -> JourneyEvent:
@@ -413,31 +461,56 @@ class EventRouter:
                 events.append(StoredEvent(**dict(r)))
             except _DATA_ERRORS as err:
                 await self._set_aside(conn, r["id"], r["message_id"], err, failures=1)
-        if events:
-            await self._route_isolating(conn, events)
+        if not events:
+            return len(rows)
+        rnd = _Round()
+        await self._route_isolating(conn, events, rnd)
+        if rnd.suspects:
+            if rnd.routed == 0:
+                first = rnd.suspects[0][1]
+                log.error("router.systemic_failure", events=len(events), error=repr(first))
+                raise SystemicRoutingError(
+                    f"all {len(events)} events of the round failed: {first!r}"
+                ) from first
+            for e, err in rnd.suspects:
+                await self._set_aside(conn, e.id, e.message_id, err, failures=2)
+        if rnd.held:
+            first_held = rnd.held[0][1]
+            raise RoutingHeld(f"{len(rnd.held)} events held back: {first_held}") from first_held
         return len(rows)
 
-    async def _route_isolating(self, conn: asyncpg.Connection, events: list[StoredEvent]) -> None:
+    async def _route_isolating(
+        self, conn: asyncpg.Connection, events: list[StoredEvent], rnd: _Round
+    ) -> None:
         """Route these events; if their data makes that fail, halve them until the events
-        that fail on their own are found and set aside. Outages propagate."""
+        that fail on their own are found (suspects, see `_route_chunk`). Events whose stored
+        run state is unusable are held back the same way. Outages propagate."""
         try:
             await self._route_events(conn, events)
+            rnd.routed += len(events)
             return
         except Exception as err:
-            if not data_error(err):
+            if not (data_error(err) or isinstance(err, RunStateUnusable)):
                 raise
             log.warning("router.chunk_failed", events=len(events), error=repr(err))
         if len(events) > 1:
             half = len(events) // 2  # in order: earlier events are routed first
-            await self._route_isolating(conn, events[:half])
-            await self._route_isolating(conn, events[half:])
+            await self._route_isolating(conn, events[:half], rnd)
+            await self._route_isolating(conn, events[half:], rnd)
             return
         try:  # once more alone: only an error that repeats is the event's own
             await self._route_events(conn, events)
+            rnd.routed += 1
+        except RunStateUnusable as err:
+            log.error(
+                "router.run_state_unusable", event_id=events[0].id,
+                customer_id=events[0].customer_id or None, error=str(err),
+            )  # fmt: skip
+            rnd.held.append((events[0], err))
         except Exception as err:
             if not data_error(err):
                 raise
-            await self._set_aside(conn, events[0].id, events[0].message_id, err, failures=2)
+            rnd.suspects.append((events[0], err))
 
     async def _set_aside(
         self, conn: asyncpg.Connection, event_id: int, message_id: str, err: BaseException,
@@ -545,7 +618,12 @@ class EventRouter:
                 )
 
     async def _version(self, current: JourneyDefinition, version: int) -> JourneyDefinition:
-        """The definition a run is pinned to (usually the current one)."""
+        """The definition a run is pinned to (usually the current one).
+
+        Raises:
+            RunStateUnusable: the pinned version no longer validates (a fault of that
+                journey, never of the event being routed).
+        """
         if version in (0, current.version):
             return current
         data = await self.pool.fetchval(
@@ -553,7 +631,10 @@ class EventRouter:
             current.id,
             version,
         )
-        return JourneyDefinition.model_validate(data) if data else current
+        try:
+            return JourneyDefinition.model_validate(data) if data else current
+        except ValueError as err:
+            raise RunStateUnusable(f"journey {current.id} v{version}: {err}") from err
 
     async def _signal(self, sig: _Signal) -> None:
         handle = self.client.get_workflow_handle(sig.workflow_id)
@@ -564,9 +645,13 @@ class EventRouter:
             return
         except RPCError as err:
             if err.status == RPCStatusCode.INVALID_ARGUMENT:
-                # Not retryable (e.g. over a server limit): skip it rather than block routing.
+                # This run refuses these events (past its signal limit, over the payload
+                # limit): raised as the events' fault, so bisection sets the one that is
+                # refused aside with the reason; never skipped silently as routed.
                 log.error("router.signal_rejected", workflow_id=sig.workflow_id, error=str(err))
-                return
+                raise EventRejected(
+                    f"workflow {sig.workflow_id} refused the events: {err.message}"
+                ) from err
             if err.status != RPCStatusCode.NOT_FOUND:
                 raise
         # The run has ended (finished just now, or was terminated by an operator): record
