@@ -50,6 +50,7 @@ import asyncio
 import contextlib
 from collections import defaultdict
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import asyncpg
@@ -77,7 +78,12 @@ from activities.enrollment import (
 from models.journey import EventMatch, JourneyDefinition
 from models.runtime import JourneyEvent, SteerCommand
 from store.events import NOTIFY_CHANNEL, dead_letter
-from store.journeys import RoutedJourney, record_run_abandoned, routed_journeys
+from store.journeys import (
+    RoutedJourney,
+    record_duplicate_closed,
+    record_run_abandoned,
+    routed_journeys,
+)
 from store.profiles import StoredEvent, UnroutableEvent, resolve_and_apply
 from workflows.journey import JourneyWorkflow
 
@@ -86,6 +92,11 @@ log = structlog.stdlib.get_logger("router")
 LEADER_LOCK = 7_270_001
 CHUNK_LOCK = 7_270_002
 SWEEP_SECONDS = 30.0
+# How long telling a merged duplicate to exit may wait for the run to accept it. A healthy run
+# accepts within one workflow task; one that cannot complete workflow tasks (non-determinism
+# after a deploy) never does, and is asked again by the next `reconcile` pass.
+EXIT_ACCEPT_SECONDS = 10.0
+EXIT_CONCURRENCY = 4  # exits in flight at once: their own slots, never routing's
 _SELECT = """
 SELECT id, message_id, type, event, user_id, anonymous_id, previous_id, timestamp, payload
 FROM events WHERE routed_at IS NULL ORDER BY timestamp, id LIMIT $1
@@ -219,6 +230,9 @@ class EventRouter:
         self._background: set[asyncio.Task[None]] = set()
         self._reconcile_after = ""  # enrollment id cursor: each pass takes the next page
         self._leader_pid: int | None = None
+        self.exit_wait = EXIT_ACCEPT_SECONDS
+        self._exit_slots = asyncio.Semaphore(EXIT_CONCURRENCY)
+        self._exiting: set[str] = set()  # workflow ids with an exit in flight
 
     def journeys_changed(self) -> None:
         """Definitions or statuses changed: reload them before the next chunk is routed."""
@@ -371,7 +385,9 @@ class EventRouter:
         turn however many there are) and describes each workflow id: a run whose workflow
         was terminated, failed, timed out or canceled is recorded as `exited` with that
         outcome, and its unsent messages as failed (`abandoned`). Runs a merge ended that are
-        still running are told to exit again (the first attempt may have died with a worker).
+        still running are told to exit again (the first attempt may have died with a worker),
+        unless an exit is in flight already; once such a run has closed (or is gone) the row
+        says so (`record_duplicate_closed`) and it is not checked again.
         """
         rows = await self.pool.fetch(
             "SELECT enrollment_id, workflow_id, status, customer_id FROM journey_runs "
@@ -392,13 +408,21 @@ class EventRouter:
             try:
                 desc = await handle.describe()
             except RPCError as err:
-                if err.status == RPCStatusCode.NOT_FOUND:
-                    return False  # not started yet (starting), or gone: nothing to compare
-                raise
+                if err.status != RPCStatusCode.NOT_FOUND:
+                    raise
+                # Not started yet (starting), or gone: nothing to compare. A merged
+                # duplicate that is gone has nothing left to be told.
+                if row["status"] == "exited":
+                    await record_duplicate_closed(self.pool, row["enrollment_id"], "not found")
+                return False
             if row["status"] == "exited":  # a duplicate ended by a merge
                 if desc.status == WorkflowExecutionStatus.RUNNING:
                     # The row moved to the survivor with the merge.
-                    self._in_background(self._end_duplicate(row["workflow_id"], row["customer_id"]))
+                    self._exit_duplicate(row["workflow_id"], row["customer_id"])
+                elif desc.status is not None:
+                    await record_duplicate_closed(
+                        self.pool, row["enrollment_id"], desc.status.name.lower().replace("_", " ")
+                    )
                 return False
             outcome = _CLOSED_ABNORMALLY.get(desc.status) if desc.status else None
             if outcome is None:
@@ -580,7 +604,7 @@ class EventRouter:
         # as an exit may wait for a step in flight (a send retrying while its provider is down)
         # and routing must not. `reconcile` repeats it for any that is still running.
         for wid, survivor in plan.end_duplicates:
-            self._in_background(self._end_duplicate(wid, survivor))
+            self._exit_duplicate(wid, survivor)
         # Every call runs to its end; then the first failure (if any) fails the chunk, which
         # is routed again (all of it is idempotent).
         failures = [r for r in await asyncio.gather(*calls, return_exceptions=True) if r]
@@ -593,22 +617,50 @@ class EventRouter:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
+    def _exit_duplicate(self, workflow_id: str, survivor: str) -> None:
+        """Tell a merged duplicate to exit, in the background, unless that is under way."""
+        if workflow_id not in self._exiting:
+            self._in_background(self._end_duplicate(workflow_id, survivor))
+
     async def _end_duplicate(self, workflow_id: str, survivor: str) -> None:
         """Tell a run a merge ended to exit. Waits only until the run has accepted the
-        instruction (the run applies it between steps), never for the run to get there."""
+        instruction (the run applies it between steps), never for the run to get there, and
+        at most `exit_wait`: a run that cannot complete a workflow task never accepts, and
+        `reconcile` asks again. Holds an exit slot, never a routing one. Never raises (a
+        background task): failures are logged and left to `reconcile`."""
+        if workflow_id in self._exiting:
+            return
+        self._exiting.add(workflow_id)
         cmd = SteerCommand(action="exit", reason=f"merged into {survivor}", by="router")
         handle = self.client.get_workflow_handle(workflow_id)
+        wait = timedelta(seconds=self.exit_wait)
         try:
-            async with self._sem:
-                await handle.start_update(
-                    JourneyWorkflow.steer, cmd, wait_for_stage=WorkflowUpdateStage.ACCEPTED
+            async with self._exit_slots:
+                await asyncio.wait_for(
+                    handle.start_update(
+                        JourneyWorkflow.steer,
+                        cmd,
+                        wait_for_stage=WorkflowUpdateStage.ACCEPTED,
+                        rpc_timeout=wait,
+                    ),
+                    # The SDK polls until accepted; this bounds the whole wait.
+                    timeout=self.exit_wait + 1.0,
                 )
         except WorkflowUpdateFailedError as err:
             # Rejected: it has ended, or an instruction (an exit) is being applied already.
             log.info("router.duplicate_not_steered", workflow_id=workflow_id, error=str(err))
+        except (WorkflowUpdateRPCTimeoutOrCancelledError, TimeoutError):
+            log.warning(
+                "router.duplicate_exit_not_accepted", workflow_id=workflow_id,
+                waited=self.exit_wait,
+            )  # fmt: skip
         except RPCError as err:
             # Gone (NOT_FOUND) is the end we want; anything else is retried by `reconcile`.
             log.info("router.duplicate_not_steered", workflow_id=workflow_id, error=str(err))
+        except Exception:
+            log.exception("router.duplicate_exit_failed", workflow_id=workflow_id)
+        finally:
+            self._exiting.discard(workflow_id)
 
     async def _reassign(self, workflow_id: str, customer_id: str) -> None:
         async with self._sem:
