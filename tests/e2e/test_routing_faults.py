@@ -400,3 +400,19 @@ async def test_an_unreadable_stored_run_holds_its_customers_events_back_without_
     await eng.pool.execute("UPDATE journey_runs SET entry = NULL WHERE customer_id = $1", cid)
     assert await _route_all(eng) == 1
     assert await eng.pool.fetchval(unrouted, held["messageId"]) == 0
+
+
+async def test_an_event_no_signal_can_carry_is_dead_lettered_not_refused_by_the_server(eng):
+    # Over Temporal's 2 MB payload limit: refused starts are not the event's fault (see the
+    # router), so the event's size is checked before any call and it is set aside on its own.
+    big = await insert_raw(eng, track("big-1", "Started"), "now()")
+    await eng.pool.execute(  # stored before the API's 32 KB limit, or by another writer
+        "UPDATE events SET payload = jsonb_set(payload, '{properties}', "
+        "jsonb_build_object('blob', repeat('x', 2500000))) WHERE id = $1",
+        big,
+    )
+    await eng.send(identify("small-1"), track("small-1", "Started"))
+    await eventually(lambda: _greeted(eng, "small-1"), what="small-1 greeted")
+    (letter,) = await dead_letters(eng)
+    assert letter["event_id"] == big
+    assert "over the 524288 a signal carries" in letter["error"]
