@@ -48,6 +48,16 @@ class RunStateUnusable(Exception):
     back and retries with backoff, loudly, until the state or the code is fixed."""
 
 
+class EventRejected(UnroutableEvent):
+    """The one run these events are for refused them (INVALID_ARGUMENT to a signal: over the
+    server's payload limit, past the run's signal limit): the events' fault, not everyone's
+    (the router may dead-letter them; a refused start is not this)."""
+
+
+def rejected(workflow_id: str, err: RPCError) -> EventRejected:
+    return EventRejected(f"workflow {workflow_id} refused the events: {err.message}")
+
+
 def slices(events: list[JourneyEvent]) -> list[list[JourneyEvent]]:
     """Cut a customer's events into signals of bounded count and size, in order.
 
@@ -225,8 +235,11 @@ async def start_run(
         desc = await existing.describe()
         memo = await desc.memo()
         try:
-            await existing.signal(JourneyWorkflow.events, start.events)
+            for part in slices(start.events):
+                await existing.signal(JourneyWorkflow.events, part)
         except RPCError as err:
+            if err.status == RPCStatusCode.INVALID_ARGUMENT:
+                raise rejected(start.workflow_id, err) from err
             if err.status != RPCStatusCode.NOT_FOUND:
                 raise
             # It closed between the two calls: now the start goes through.
@@ -238,8 +251,13 @@ async def start_run(
         return desc.run_id
     assert handle.result_run_id is not None
     start.run_id = handle.result_run_id
-    for part in rest:
-        await handle.signal(JourneyWorkflow.events, part)
+    try:
+        for part in rest:
+            await handle.signal(JourneyWorkflow.events, part)
+    except RPCError as err:
+        if err.status == RPCStatusCode.INVALID_ARGUMENT:
+            raise rejected(start.workflow_id, err) from err
+        raise
     log.info(
         "journey.entered", customer_id=cid, journey_id=journey.id, workflow_id=start.workflow_id,
         version=journey.version,

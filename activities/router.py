@@ -19,10 +19,10 @@ data (not an outage) is cut in halves and routed again, down to single events; a
 still fails on its own, twice, is set aside in `dead_letters` with its error and everything
 else flows. Which failures are the event's own:
 
-- data errors: raised while reading or applying the event's payload (`UnroutableEvent`, and
-  the ValueError/TypeError/KeyError... family from code handling it), and a refusal by the one
-  run the event is for (`EventRejected`: a signal over the server's size limit, a run past its
-  signal limit), which other runs do not share;
+- data errors: raised while reading or applying the event's payload (`UnroutableEvent`, e.g.
+  an event too large for any signal, and the ValueError/TypeError/KeyError... family from
+  code handling it), and a refusal by the one run the event is for
+  (`enrollment.EventRejected`: a run past its signal limit), which other runs do not share;
 - and only when the failure is not everyone's: an event is dead-lettered only if at least one
   other event of the same round routed fine. If every event of a round fails (a bug all
   events run into, a misconfigured server) the round fails with `SystemicRoutingError`:
@@ -39,6 +39,7 @@ Not the event's fault, never dead-lettered:
   back (left in the outbox, in order), the others are routed, and the round ends with
   `RoutingHeld`: logged as an error and retried with backoff until the state or code is
   fixed.
+
 Nothing in a chunk waits for a workflow to make progress: runs ended by a merge are told so in
 the background, and `reconcile` (beside the sweep) repeats it and catches runs ended outside
 our code.
@@ -72,6 +73,7 @@ from activities.enrollment import (
     enroll,
     load_history,
     mark_started,
+    rejected,
     slices,
     start_run,
 )
@@ -84,7 +86,7 @@ from store.journeys import (
     record_run_abandoned,
     routed_journeys,
 )
-from store.profiles import StoredEvent, UnroutableEvent, resolve_and_apply
+from store.profiles import StoredEvent, resolve_and_apply
 from workflows.journey import JourneyWorkflow
 
 log = structlog.stdlib.get_logger("router")
@@ -130,11 +132,6 @@ def _connection_lost(conn: asyncpg.Connection) -> bool:
         return conn.is_closed()
     except asyncpg.InterfaceError:
         return True
-
-
-class EventRejected(UnroutableEvent):
-    """The one run these events are for refused them (INVALID_ARGUMENT: over the server's
-    payload limit, past the run's signal limit): the events' fault, not everyone's."""
 
 
 class SystemicRoutingError(RuntimeError):
@@ -701,9 +698,7 @@ class EventRouter:
                 # limit): raised as the events' fault, so bisection sets the one that is
                 # refused aside with the reason; never skipped silently as routed.
                 log.error("router.signal_rejected", workflow_id=sig.workflow_id, error=str(err))
-                raise EventRejected(
-                    f"workflow {sig.workflow_id} refused the events: {err.message}"
-                ) from err
+                raise rejected(sig.workflow_id, err) from err
             if err.status != RPCStatusCode.NOT_FOUND:
                 raise
         # The run has ended (finished just now, or was terminated by an operator): record
