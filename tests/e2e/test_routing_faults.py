@@ -256,6 +256,7 @@ async def test_a_lost_leader_connection_leaves_one_sweeper_and_routing_goes_on(e
         await eventually(lambda: _new_leader(eng, killed), what="a leader after the kills")
         await eventually(lambda: _sweepers_started(), what="the new leader's sweeper")
         assert _sweepers() == 1
+        assert eng.router.leader_pid == await _leader_pid(eng)
         await store_only(eng, identify("lc1"), track("lc1", "Started"))
         await eventually(lambda: _greeted(eng, "lc1"), what="lc1 greeted by the new leader")
         assert _sweepers() == 1
