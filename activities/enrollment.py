@@ -32,6 +32,7 @@ from models.conditions import resolve
 from models.durations import parse_duration
 from models.journey import JourneyDefinition
 from models.runtime import JourneyEvent, JourneyRunInput
+from store.profiles import UnroutableEvent
 from workflows.journey import JourneyWorkflow, workflow_id_for
 
 log = structlog.stdlib.get_logger("enrollment")
@@ -40,12 +41,39 @@ SIGNAL_BYTES = 512 * 1024  # well under Temporal's 2 MB payload limit
 SIGNAL_EVENTS = 200
 
 
+class RunStateUnusable(Exception):
+    """Stored state of a run or journey (a pinned definition, a run's entry event) that this
+    code cannot read. Not the fault of the event being routed (every event of that customer
+    would fail the same way), so the router never dead-letters for it: it holds the events
+    back and retries with backoff, loudly, until the state or the code is fixed."""
+
+
+class EventRejected(UnroutableEvent):
+    """The one run these events are for refused them (INVALID_ARGUMENT to a signal: over the
+    server's payload limit, past the run's signal limit): the events' fault, not everyone's
+    (the router may dead-letter them; a refused start is not this)."""
+
+
+def rejected(workflow_id: str, err: RPCError) -> EventRejected:
+    return EventRejected(f"workflow {workflow_id} refused the events: {err.message}")
+
+
 def slices(events: list[JourneyEvent]) -> list[list[JourneyEvent]]:
-    """Cut a customer's events into signals of bounded count and size, in order."""
+    """Cut a customer's events into signals of bounded count and size, in order.
+
+    Raises:
+        UnroutableEvent: one event alone is over `SIGNAL_BYTES`: no signal can carry it, so
+            it is its own data's fault (and a server refusing a start or a signal of our
+            bounded size says something about the server or the run, not the event).
+    """
     out: list[list[JourneyEvent]] = [[]]
     size = 0
     for e in events:
         n = len(e.model_dump_json())
+        if n > SIGNAL_BYTES:
+            raise UnroutableEvent(
+                f"event {e.message_id}: {n} bytes, over the {SIGNAL_BYTES} a signal carries"
+            )
         if out[-1] and (size + n > SIGNAL_BYTES or len(out[-1]) >= SIGNAL_EVENTS):
             out.append([])
             size = 0
@@ -98,6 +126,12 @@ class RunHistory:
 async def load_history(
     conn: asyncpg.Connection | asyncpg.Pool, customer_ids: list[str]
 ) -> dict[tuple[str, str], RunHistory]:
+    """Each (customer, journey)'s runs.
+
+    Raises:
+        RunStateUnusable: a stored entry event no longer validates (the router holds these
+            customers' events back instead of dead-lettering them).
+    """
     out: dict[tuple[str, str], RunHistory] = defaultdict(RunHistory)
     for r in await conn.fetch(
         "SELECT customer_id, journey_id, workflow_id, enrollment_id, status, started_at, run_key, "
@@ -105,7 +139,10 @@ async def load_history(
         customer_ids,
     ):
         h = out[(r["customer_id"], r["journey_id"])]
-        entry = JourneyEvent.model_validate(r["entry"]) if r["entry"] else None
+        try:
+            entry = JourneyEvent.model_validate(r["entry"]) if r["entry"] else None
+        except ValueError as err:
+            raise RunStateUnusable(f"journey_runs {r['enrollment_id']}: entry: {err}") from err
         run = LiveRun(
             r["workflow_id"], r["enrollment_id"], r["run_key"], r["journey_version"], entry
         )
@@ -198,8 +235,11 @@ async def start_run(
         desc = await existing.describe()
         memo = await desc.memo()
         try:
-            await existing.signal(JourneyWorkflow.events, start.events)
+            for part in slices(start.events):
+                await existing.signal(JourneyWorkflow.events, part)
         except RPCError as err:
+            if err.status == RPCStatusCode.INVALID_ARGUMENT:
+                raise rejected(start.workflow_id, err) from err
             if err.status != RPCStatusCode.NOT_FOUND:
                 raise
             # It closed between the two calls: now the start goes through.
@@ -211,8 +251,13 @@ async def start_run(
         return desc.run_id
     assert handle.result_run_id is not None
     start.run_id = handle.result_run_id
-    for part in rest:
-        await handle.signal(JourneyWorkflow.events, part)
+    try:
+        for part in rest:
+            await handle.signal(JourneyWorkflow.events, part)
+    except RPCError as err:
+        if err.status == RPCStatusCode.INVALID_ARGUMENT:
+            raise rejected(start.workflow_id, err) from err
+        raise
     log.info(
         "journey.entered", customer_id=cid, journey_id=journey.id, workflow_id=start.workflow_id,
         version=journey.version,

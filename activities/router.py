@@ -17,7 +17,29 @@ One router is active at a time (advisory lock), which keeps a customer's events 
 No event blocks the others. A chunk that fails with an error that says something about its
 data (not an outage) is cut in halves and routed again, down to single events; an event that
 still fails on its own, twice, is set aside in `dead_letters` with its error and everything
-else flows. Outages (database, Temporal) never dead-letter: the round is retried with backoff.
+else flows. Which failures are the event's own:
+
+- data errors: raised while reading or applying the event's payload (`UnroutableEvent`, e.g.
+  an event too large for any signal, and the ValueError/TypeError/KeyError... family from
+  code handling it), and a refusal by the one run the event is for
+  (`enrollment.EventRejected`: a run past its signal limit), which other runs do not share;
+- and only when the failure is not everyone's: an event is dead-lettered only if at least one
+  other event of the same round routed fine. If every event of a round fails (a bug all
+  events run into, a misconfigured server) the round fails with `SystemicRoutingError`:
+  logged, retried with backoff, nothing set aside, and routing resumes by itself once fixed.
+
+Not the event's fault, never dead-lettered:
+
+- outages (database, Temporal unreachable, timeouts) and refusals of a start by the server
+  (our inputs are bounded, so an INVALID_ARGUMENT there is the server's configuration, e.g. a
+  search attribute missing): the round is retried with backoff;
+- stored state this code cannot read (`RunStateUnusable`: a run's pinned definition or entry
+  event that no longer validates). It is a fault of that journey or run, not of the events,
+  and dead-lettering would set aside every event of those customers. Their events are held
+  back (left in the outbox, in order), the others are routed, and the round ends with
+  `RoutingHeld`: logged as an error and retried with backoff until the state or code is
+  fixed.
+
 Nothing in a chunk waits for a workflow to make progress: runs ended by a merge are told so in
 the background, and `reconcile` (beside the sweep) repeats it and catches runs ended outside
 our code.
@@ -29,6 +51,7 @@ import asyncio
 import contextlib
 from collections import defaultdict
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import asyncpg
@@ -39,22 +62,30 @@ from temporalio.client import (
     WorkflowExecutionStatus,
     WorkflowHistoryEventFilterType,
     WorkflowUpdateFailedError,
+    WorkflowUpdateRPCTimeoutOrCancelledError,
     WorkflowUpdateStage,
 )
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.enrollment import (
+    RunStateUnusable,
     Start,
     enroll,
     load_history,
     mark_started,
+    rejected,
     slices,
     start_run,
 )
 from models.journey import EventMatch, JourneyDefinition
 from models.runtime import JourneyEvent, SteerCommand
 from store.events import NOTIFY_CHANNEL, dead_letter
-from store.journeys import RoutedJourney, record_run_abandoned, routed_journeys
+from store.journeys import (
+    RoutedJourney,
+    record_duplicate_closed,
+    record_run_abandoned,
+    routed_journeys,
+)
 from store.profiles import StoredEvent, resolve_and_apply
 from workflows.journey import JourneyWorkflow
 
@@ -63,16 +94,22 @@ log = structlog.stdlib.get_logger("router")
 LEADER_LOCK = 7_270_001
 CHUNK_LOCK = 7_270_002
 SWEEP_SECONDS = 30.0
+# How long telling a merged duplicate to exit may wait for the run to accept it. A healthy run
+# accepts within one workflow task; one that cannot complete workflow tasks (non-determinism
+# after a deploy) never does, and is asked again by the next `reconcile` pass.
+EXIT_ACCEPT_SECONDS = 10.0
+EXIT_CONCURRENCY = 4  # exits in flight at once: their own slots, never routing's
 _SELECT = """
 SELECT id, message_id, type, event, user_id, anonymous_id, previous_id, timestamp, payload
 FROM events WHERE routed_at IS NULL ORDER BY timestamp, id LIMIT $1
 """
-# Errors that come from an event's data and repeat whenever it is routed. Anything else (the
-# database or Temporal unreachable, a deadlock, a timeout) is an outage: retried, never
-# dead-lettered.
+# Errors that come from an event's data and repeat whenever it is routed (and are only
+# dead-lettered if other events route: see the module docstring). Anything else (the database
+# or Temporal unreachable, a deadlock, a timeout, the server refusing a start) is retried,
+# never dead-lettered.
 _DATA_ERRORS: tuple[type[BaseException], ...] = (
     TypeError,
-    ValueError,  # pydantic's ValidationError and store.profiles.UnroutableEvent too
+    ValueError,  # pydantic's ValidationError, UnroutableEvent and EventRejected too
     KeyError,
     IndexError,
     AttributeError,
@@ -88,12 +125,40 @@ _CLOSED_ABNORMALLY = {
 }
 
 
+def _connection_lost(conn: asyncpg.Connection) -> bool:
+    """Closed, or already taken back by the pool after its backend died (asyncpg then
+    answers every call on the detached wrapper with InterfaceError)."""
+    try:
+        return conn.is_closed()
+    except asyncpg.InterfaceError:
+        return True
+
+
+class SystemicRoutingError(RuntimeError):
+    """Every event of a round failed with what looks like a data error: a fault of the
+    system (a bug every event runs into, a misconfigured server), so nothing is set aside;
+    the round is retried with backoff. The first error is the cause."""
+
+
+class RoutingHeld(RuntimeError):
+    """Some events were held back because stored state of their journey or run cannot be
+    read (`RunStateUnusable`, the cause); the rest of the round was routed. Retried with
+    backoff."""
+
+
 def data_error(err: BaseException) -> bool:
     """True when `err` says something about the events routed, not about an outage."""
-    if isinstance(err, RPCError):
-        # The server refused the request itself (e.g. a payload over its limits).
-        return err.status == RPCStatusCode.INVALID_ARGUMENT
     return isinstance(err, _DATA_ERRORS)
+
+
+@dataclass
+class _Round:
+    """What one round of bisection found: events routed, and the events that failed alone
+    (set aside only if something else routed) or were held back."""
+
+    routed: int = 0
+    suspects: list[tuple[StoredEvent, BaseException]] = field(default_factory=list)
+    held: list[tuple[StoredEvent, RunStateUnusable]] = field(default_factory=list)
 
 
 def journey_event(e: StoredEvent) -> JourneyEvent:
@@ -161,6 +226,10 @@ class EventRouter:
         self._wake = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()
         self._reconcile_after = ""  # enrollment id cursor: each pass takes the next page
+        self._leader_pid: int | None = None
+        self.exit_wait = EXIT_ACCEPT_SECONDS
+        self._exit_slots = asyncio.Semaphore(EXIT_CONCURRENCY)
+        self._exiting: set[str] = set()  # workflow ids with an exit in flight
 
     def journeys_changed(self) -> None:
         """Definitions or statuses changed: reload them before the next chunk is routed."""
@@ -181,8 +250,31 @@ class EventRouter:
                     await asyncio.wait_for(stop.wait(), backoff)
                 backoff = min(backoff * 2, 5.0)
 
+    @property
+    def leader_pid(self) -> int | None:
+        """The PostgreSQL backend pid of the connection holding leadership (None when this
+        router is not the leader): what an operator or a test terminates to force a
+        takeover."""
+        return self._leader_pid
+
     async def _lead(self, stop: asyncio.Event) -> None:
+        """Hold leadership on one connection, routing until `stop` or until the connection
+        is lost (then return: `run` elects again at once).
+
+        A backend that dies makes asyncpg hand the connection back to the pool and detach
+        the wrapper we hold: every later call on it, `is_closed()` included, raises
+        InterfaceError. So the loss is detected by a termination listener (and by that
+        error), and the sweeper is stopped in `finally` whatever ends the leadership, or
+        each re-election would start one more."""
         conn: asyncpg.Connection = await self.pool.acquire()
+        lost = asyncio.Event()
+
+        def on_lost(_: object) -> None:
+            lost.set()
+            self._wake.set()  # stop waiting for work: there is no leadership to route with
+
+        conn.add_termination_listener(on_lost)
+        sweeper: asyncio.Task[None] | None = None
         try:
             while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", LEADER_LOCK):
                 with contextlib.suppress(TimeoutError):
@@ -191,14 +283,15 @@ class EventRouter:
                     return
             await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
             await conn.add_listener("journeys_changed", self._on_journeys)
+            self._leader_pid = conn.get_server_pid()
             self._journeys_stale = True
-            log.info("router.leader")
+            log.info("router.leader", pid=self._leader_pid)
             backoff = 0.2
             # The sweep of interrupted starts runs beside routing, never in its way.
-            sweeper = asyncio.create_task(self._sweep(stop))
+            sweeper = asyncio.create_task(self._sweep(stop), name="router.sweep")
             while not stop.is_set():
-                if conn.is_closed():
-                    sweeper.cancel()
+                if lost.is_set() or _connection_lost(conn):
+                    log.warning("router.leader_connection_lost")
                     return  # lost the lock with the connection: become leader again
                 # Cleared before routing: a NOTIFY during this round wakes the next one.
                 self._wake.clear()
@@ -222,10 +315,21 @@ class EventRouter:
                 for w in waiters:
                     w.cancel()
         finally:
-            if not conn.is_closed():
-                with contextlib.suppress(Exception):
-                    await conn.execute("SELECT pg_advisory_unlock_all()")
-            with contextlib.suppress(Exception):
+            self._leader_pid = None
+            if sweeper is not None:
+                sweeper.cancel()
+                await asyncio.wait([sweeper])  # ended before another leadership starts one
+            if not lost.is_set() and not _connection_lost(conn):
+                conn.remove_termination_listener(on_lost)
+                # The pool's reset on release runs pg_advisory_unlock_all and UNLISTEN *; the
+                # listeners are removed here so asyncpg does not warn about them. A connection
+                # failing now is as good as released: its locks went with it.
+                with contextlib.suppress(asyncpg.InterfaceError, asyncpg.PostgresError, OSError):
+                    await conn.remove_listener(NOTIFY_CHANNEL, self._on_notify)
+                    await conn.remove_listener("journeys_changed", self._on_journeys)
+            # A no-op for a connection asyncpg already took back after its backend died; a
+            # reset that fails terminates the connection (asyncpg), which is what we want.
+            with contextlib.suppress(asyncpg.InterfaceError, asyncpg.PostgresError, OSError):
                 await self.pool.release(conn)
 
     def _on_notify(self, *_: Any) -> None:
@@ -278,7 +382,9 @@ class EventRouter:
         turn however many there are) and describes each workflow id: a run whose workflow
         was terminated, failed, timed out or canceled is recorded as `exited` with that
         outcome, and its unsent messages as failed (`abandoned`). Runs a merge ended that are
-        still running are told to exit again (the first attempt may have died with a worker).
+        still running are told to exit again (the first attempt may have died with a worker),
+        unless an exit is in flight already; once such a run has closed (or is gone) the row
+        says so (`record_duplicate_closed`) and it is not checked again.
         """
         rows = await self.pool.fetch(
             "SELECT enrollment_id, workflow_id, status, customer_id FROM journey_runs "
@@ -299,13 +405,21 @@ class EventRouter:
             try:
                 desc = await handle.describe()
             except RPCError as err:
-                if err.status == RPCStatusCode.NOT_FOUND:
-                    return False  # not started yet (starting), or gone: nothing to compare
-                raise
+                if err.status != RPCStatusCode.NOT_FOUND:
+                    raise
+                # Not started yet (starting), or gone: nothing to compare. A merged
+                # duplicate that is gone has nothing left to be told.
+                if row["status"] == "exited":
+                    await record_duplicate_closed(self.pool, row["enrollment_id"], "not found")
+                return False
             if row["status"] == "exited":  # a duplicate ended by a merge
                 if desc.status == WorkflowExecutionStatus.RUNNING:
                     # The row moved to the survivor with the merge.
-                    self._in_background(self._end_duplicate(row["workflow_id"], row["customer_id"]))
+                    self._exit_duplicate(row["workflow_id"], row["customer_id"])
+                elif desc.status is not None:
+                    await record_duplicate_closed(
+                        self.pool, row["enrollment_id"], desc.status.name.lower().replace("_", " ")
+                    )
                 return False
             outcome = _CLOSED_ABNORMALLY.get(desc.status) if desc.status else None
             if outcome is None:
@@ -352,7 +466,11 @@ class EventRouter:
             try:
                 return await self._route_chunk(conn)
             finally:
-                await conn.execute("SELECT pg_advisory_unlock($1)", CHUNK_LOCK)
+                # A lost connection took the lock with it (and the pool's reset runs
+                # pg_advisory_unlock_all): failing to unlock it must not hide the error that
+                # ended the chunk.
+                with contextlib.suppress(asyncpg.InterfaceError, asyncpg.PostgresConnectionError):
+                    await conn.execute("SELECT pg_advisory_unlock($1)", CHUNK_LOCK)
 
     async def _route_chunk(self, conn: asyncpg.Connection) -> int:
         rows = await conn.fetch(_SELECT, self.batch_size)
@@ -364,31 +482,56 @@ class EventRouter:
                 events.append(StoredEvent(**dict(r)))
             except _DATA_ERRORS as err:
                 await self._set_aside(conn, r["id"], r["message_id"], err, failures=1)
-        if events:
-            await self._route_isolating(conn, events)
+        if not events:
+            return len(rows)
+        rnd = _Round()
+        await self._route_isolating(conn, events, rnd)
+        if rnd.suspects:
+            if rnd.routed == 0:
+                first = rnd.suspects[0][1]
+                log.error("router.systemic_failure", events=len(events), error=repr(first))
+                raise SystemicRoutingError(
+                    f"all {len(events)} events of the round failed: {first!r}"
+                ) from first
+            for e, err in rnd.suspects:
+                await self._set_aside(conn, e.id, e.message_id, err, failures=2)
+        if rnd.held:
+            first_held = rnd.held[0][1]
+            raise RoutingHeld(f"{len(rnd.held)} events held back: {first_held}") from first_held
         return len(rows)
 
-    async def _route_isolating(self, conn: asyncpg.Connection, events: list[StoredEvent]) -> None:
+    async def _route_isolating(
+        self, conn: asyncpg.Connection, events: list[StoredEvent], rnd: _Round
+    ) -> None:
         """Route these events; if their data makes that fail, halve them until the events
-        that fail on their own are found and set aside. Outages propagate."""
+        that fail on their own are found (suspects, see `_route_chunk`). Events whose stored
+        run state is unusable are held back the same way. Outages propagate."""
         try:
             await self._route_events(conn, events)
+            rnd.routed += len(events)
             return
         except Exception as err:
-            if not data_error(err):
+            if not (data_error(err) or isinstance(err, RunStateUnusable)):
                 raise
             log.warning("router.chunk_failed", events=len(events), error=repr(err))
         if len(events) > 1:
             half = len(events) // 2  # in order: earlier events are routed first
-            await self._route_isolating(conn, events[:half])
-            await self._route_isolating(conn, events[half:])
+            await self._route_isolating(conn, events[:half], rnd)
+            await self._route_isolating(conn, events[half:], rnd)
             return
         try:  # once more alone: only an error that repeats is the event's own
             await self._route_events(conn, events)
+            rnd.routed += 1
+        except RunStateUnusable as err:
+            log.error(
+                "router.run_state_unusable", event_id=events[0].id,
+                customer_id=events[0].customer_id or None, error=str(err),
+            )  # fmt: skip
+            rnd.held.append((events[0], err))
         except Exception as err:
             if not data_error(err):
                 raise
-            await self._set_aside(conn, events[0].id, events[0].message_id, err, failures=2)
+            rnd.suspects.append((events[0], err))
 
     async def _set_aside(
         self, conn: asyncpg.Connection, event_id: int, message_id: str, err: BaseException,
@@ -458,7 +601,7 @@ class EventRouter:
         # as an exit may wait for a step in flight (a send retrying while its provider is down)
         # and routing must not. `reconcile` repeats it for any that is still running.
         for wid, survivor in plan.end_duplicates:
-            self._in_background(self._end_duplicate(wid, survivor))
+            self._exit_duplicate(wid, survivor)
         # Every call runs to its end; then the first failure (if any) fails the chunk, which
         # is routed again (all of it is idempotent).
         failures = [r for r in await asyncio.gather(*calls, return_exceptions=True) if r]
@@ -471,22 +614,50 @@ class EventRouter:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
+    def _exit_duplicate(self, workflow_id: str, survivor: str) -> None:
+        """Tell a merged duplicate to exit, in the background, unless that is under way."""
+        if workflow_id not in self._exiting:
+            self._in_background(self._end_duplicate(workflow_id, survivor))
+
     async def _end_duplicate(self, workflow_id: str, survivor: str) -> None:
         """Tell a run a merge ended to exit. Waits only until the run has accepted the
-        instruction (the run applies it between steps), never for the run to get there."""
+        instruction (the run applies it between steps), never for the run to get there, and
+        at most `exit_wait`: a run that cannot complete a workflow task never accepts, and
+        `reconcile` asks again. Holds an exit slot, never a routing one. Never raises (a
+        background task): failures are logged and left to `reconcile`."""
+        if workflow_id in self._exiting:
+            return
+        self._exiting.add(workflow_id)
         cmd = SteerCommand(action="exit", reason=f"merged into {survivor}", by="router")
         handle = self.client.get_workflow_handle(workflow_id)
+        wait = timedelta(seconds=self.exit_wait)
         try:
-            async with self._sem:
-                await handle.start_update(
-                    JourneyWorkflow.steer, cmd, wait_for_stage=WorkflowUpdateStage.ACCEPTED
+            async with self._exit_slots:
+                await asyncio.wait_for(
+                    handle.start_update(
+                        JourneyWorkflow.steer,
+                        cmd,
+                        wait_for_stage=WorkflowUpdateStage.ACCEPTED,
+                        rpc_timeout=wait,
+                    ),
+                    # The SDK polls until accepted; this bounds the whole wait.
+                    timeout=self.exit_wait + 1.0,
                 )
         except WorkflowUpdateFailedError as err:
             # Rejected: it has ended, or an instruction (an exit) is being applied already.
             log.info("router.duplicate_not_steered", workflow_id=workflow_id, error=str(err))
+        except (WorkflowUpdateRPCTimeoutOrCancelledError, TimeoutError):
+            log.warning(
+                "router.duplicate_exit_not_accepted", workflow_id=workflow_id,
+                waited=self.exit_wait,
+            )  # fmt: skip
         except RPCError as err:
             # Gone (NOT_FOUND) is the end we want; anything else is retried by `reconcile`.
             log.info("router.duplicate_not_steered", workflow_id=workflow_id, error=str(err))
+        except Exception:
+            log.exception("router.duplicate_exit_failed", workflow_id=workflow_id)
+        finally:
+            self._exiting.discard(workflow_id)
 
     async def _reassign(self, workflow_id: str, customer_id: str) -> None:
         async with self._sem:
@@ -496,7 +667,12 @@ class EventRouter:
                 )
 
     async def _version(self, current: JourneyDefinition, version: int) -> JourneyDefinition:
-        """The definition a run is pinned to (usually the current one)."""
+        """The definition a run is pinned to (usually the current one).
+
+        Raises:
+            RunStateUnusable: the pinned version no longer validates (a fault of that
+                journey, never of the event being routed).
+        """
         if version in (0, current.version):
             return current
         data = await self.pool.fetchval(
@@ -504,7 +680,10 @@ class EventRouter:
             current.id,
             version,
         )
-        return JourneyDefinition.model_validate(data) if data else current
+        try:
+            return JourneyDefinition.model_validate(data) if data else current
+        except ValueError as err:
+            raise RunStateUnusable(f"journey {current.id} v{version}: {err}") from err
 
     async def _signal(self, sig: _Signal) -> None:
         handle = self.client.get_workflow_handle(sig.workflow_id)
@@ -515,9 +694,11 @@ class EventRouter:
             return
         except RPCError as err:
             if err.status == RPCStatusCode.INVALID_ARGUMENT:
-                # Not retryable (e.g. over a server limit): skip it rather than block routing.
+                # This run refuses these events (past its signal limit, over the payload
+                # limit): raised as the events' fault, so bisection sets the one that is
+                # refused aside with the reason; never skipped silently as routed.
                 log.error("router.signal_rejected", workflow_id=sig.workflow_id, error=str(err))
-                return
+                raise rejected(sig.workflow_id, err) from err
             if err.status != RPCStatusCode.NOT_FOUND:
                 raise
         # The run has ended (finished just now, or was terminated by an operator): record

@@ -291,3 +291,20 @@ async def record_run_abandoned(
             outcome,
         )
     return True
+
+
+async def record_duplicate_closed(
+    conn: asyncpg.Connection | asyncpg.Pool, enrollment_id: str, outcome: str
+) -> bool:
+    """A run a merge ended (`exit_reason` `merged`: its workflow still had to be told) whose
+    workflow has closed or is gone: the reason says how (`merged (workflow terminated)`), so
+    reconciliation stops checking it. A run that exited by itself has already replaced the
+    reason with its own (`record_run_finished`), which is kept. Returns False if nothing
+    changed."""
+    status = await conn.execute(
+        "UPDATE journey_runs SET exit_reason = $2 "
+        "WHERE enrollment_id = $1 AND status = 'exited' AND exit_reason = 'merged'",
+        enrollment_id,
+        f"merged (workflow {outcome})",
+    )
+    return status != "UPDATE 0"

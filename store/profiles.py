@@ -7,7 +7,12 @@ running journeys move to the survivor, and the merge is reported so running work
 
 An event's profile effects (traits, timezone, email / phone identities) are applied once
 (`events.applied_at`): an event routed again, handed back by a finished run or replayed from
-the dead letters, must not roll back what a newer `identify` set.
+the dead letters, must not roll back what a newer `identify` set. And an event applied out of
+order (a dead letter replayed, an event arriving late with an older timestamp) sets only the
+traits (and timezone) that no applied event with a newer timestamp set: the newest value of
+each trait wins, whatever the order events were routed in. The events table is the record
+(no per-trait bookkeeping): the check reads the customer's applied events newer than the
+oldest pending one, which is nothing at all in the usual, in-order case.
 """
 
 from __future__ import annotations
@@ -43,13 +48,29 @@ class StoredEvent:
 
     @property
     def traits(self) -> dict[str, Any]:
-        traits = self.payload.get("traits") or {}  # identify: with context.traits (parse_event)
-        if self.type == "track":  # the spec's `context.traits`; a top-level `traits` is not
-            context = self.payload.get("context")
-            traits = (context.get("traits") if isinstance(context, dict) else None) or {}
-        elif self.type != "identify":
-            traits = {}
-        return traits if isinstance(traits, dict) else {}
+        return _traits_of(self.type, self.payload)
+
+    @property
+    def timezone(self) -> object:
+        """The zone the event gives (context first), not yet checked."""
+        return _timezone_of(self.type, self.payload)
+
+
+def _traits_of(type_: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """The traits an event sets on the profile."""
+    traits = payload.get("traits") or {}  # identify: with context.traits (parse_event)
+    if type_ == "track":  # the spec's `context.traits`; a top-level `traits` is not
+        context = payload.get("context")
+        traits = (context.get("traits") if isinstance(context, dict) else None) or {}
+    elif type_ != "identify":
+        traits = {}
+    return traits if isinstance(traits, dict) else {}
+
+
+def _timezone_of(type_: str, payload: dict[str, Any]) -> object:
+    context = payload.get("context")
+    zone = context.get("timezone") if isinstance(context, dict) else None
+    return zone or _traits_of(type_, payload).get("timezone")
 
 
 class UnroutableEvent(ValueError):
@@ -110,6 +131,7 @@ async def resolve_and_apply(conn: asyncpg.Connection, events: list[StoredEvent])
     new_ids: list[tuple[str, str, str]] = []
     traits: dict[str, dict[str, Any]] = {}
     zones: dict[str, str] = {}
+    pending: list[StoredEvent] = []  # events whose traits and zone are applied now
 
     def attach(key: tuple[str, str], cid: str) -> None:
         if key not in owner:
@@ -139,24 +161,29 @@ async def resolve_and_apply(conn: asyncpg.Connection, events: list[StoredEvent])
         e.customer_id = cid
         if e.id in applied:
             continue
-        if e.traits:
-            traits.setdefault(cid, {}).update(e.traits)
-            for kind in ("email", "phone"):
-                value = e.traits.get(kind)
-                if isinstance(value, str) and 0 < len(value.strip()) <= 512:
-                    attach((kind, value.strip().lower()), cid)
-        context = e.payload.get("context")
-        tz = (context.get("timezone") if isinstance(context, dict) else None) or e.traits.get(
-            "timezone"
-        )
-        if valid_timezone(tz):
-            zones[cid] = tz
+        pending.append(e)
+        for kind in ("email", "phone"):
+            value = e.traits.get(kind)
+            if isinstance(value, str) and 0 < len(value.strip()) <= 512:
+                attach((kind, value.strip().lower()), cid)
 
     # A merged-away customer may still be referenced by events earlier in the chunk.
     remap = {m.loser: m.survivor for m in res.merges}
     for e in events:
         while e.customer_id in remap:
             e.customer_id = remap[e.customer_id]
+
+    # In timestamp order (as `pending` is), a later event's traits override an earlier one's;
+    # a trait an applied event with a newer timestamp set is left as it is.
+    newer = await _newer_applied(conn, pending)
+    for e in pending:
+        cid, seen = e.customer_id, newer.get(e.customer_id, {})
+        fresh = {k: v for k, v in e.traits.items() if not _set_later(seen, k, e.timestamp)}
+        if fresh:
+            traits.setdefault(cid, {}).update(fresh)
+        tz = e.timezone
+        if valid_timezone(tz) and not _set_later(seen, _ZONE, e.timestamp):
+            zones[cid] = tz  # type: ignore[assignment]
 
     if res.new_customers:
         await conn.executemany(
@@ -186,6 +213,46 @@ async def resolve_and_apply(conn: asyncpg.Connection, events: list[StoredEvent])
         [e.customer_id for e in events],
     )
     return res
+
+
+_ZONE = "\x00timezone"  # the zone's key among traits in `_newer_applied` (no trait has it)
+
+
+def _set_later(seen: dict[str, datetime], key: str, when: datetime) -> bool:
+    newest = seen.get(key)
+    return newest is not None and newest > when
+
+
+async def _newer_applied(
+    conn: asyncpg.Connection, pending: list[StoredEvent]
+) -> dict[str, dict[str, datetime]]:
+    """Per customer, per trait (and `_ZONE`): the newest timestamp of an applied event that
+    set it, among applied events newer than the customer's oldest pending event."""
+    oldest: dict[str, datetime] = {}
+    for e in pending:
+        if e.traits or e.timezone:
+            cid = e.customer_id
+            oldest[cid] = min(oldest.get(cid, e.timestamp), e.timestamp)
+    if not oldest:
+        return {}
+    rows = await conn.fetch(
+        "SELECT e.customer_id, e.timestamp, e.type, e.payload FROM events e "
+        "JOIN unnest($1::text[], $2::timestamptz[]) AS c(cid, ts) "
+        "ON e.customer_id = c.cid AND e.timestamp > c.ts "
+        "WHERE e.applied_at IS NOT NULL AND e.type IN ('identify', 'track')",
+        list(oldest),
+        list(oldest.values()),
+    )
+    out: dict[str, dict[str, datetime]] = {}
+    for r in rows:
+        seen = out.setdefault(r["customer_id"], {})
+        keys = list(_traits_of(r["type"], r["payload"]))
+        if valid_timezone(_timezone_of(r["type"], r["payload"])):
+            keys.append(_ZONE)
+        for k in keys:
+            if k not in seen or r["timestamp"] > seen[k]:
+                seen[k] = r["timestamp"]
+    return out
 
 
 def valid_timezone(name: object) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import store.profiles as profiles_module
 from tests.conftest import eventually
 from tests.e2e.test_routing_faults import GREETER, insert_raw
 from tests.harness import ADMIN, identify, track
@@ -54,3 +55,33 @@ async def test_dead_letters_are_listed_read_and_replayed(desk):
     await eventually(greeted, what="the replayed event's customer greeted")
     open_ = (await api.get("/v1/dead-letters?status=open", headers=ADMIN)).json()
     assert sorted(d["event_id"] for d in open_["items"]) == [bad[0], bad[1]]
+
+
+async def test_a_replayed_identify_never_rolls_back_a_newer_one(desk, monkeypatch):
+    eng, api = desk
+    real = profiles_module.valid_timezone
+
+    def broken(name: object) -> bool:
+        if name == "Broken/Zone":
+            raise ValueError("timezone: cannot handle Broken/Zone")
+        return real(name)
+
+    monkeypatch.setattr(profiles_module, "valid_timezone", broken)
+    a = identify("rp1", plan="free", company="acme", timezone="Broken/Zone")
+    a["timestamp"] = "2026-01-01T00:00:00Z"
+    await eng.send(a, identify("rp-other"))  # the other routes: A alone is the poison
+    (letter,) = (await api.get("/v1/dead-letters", headers=ADMIN)).json()["items"]
+    assert letter["message_id"] == a["messageId"]
+    b = identify("rp1", plan="pro")
+    b["timestamp"] = "2026-06-01T00:00:00Z"
+    await eng.send(b)
+    monkeypatch.undo()  # fixed; the operator replays A
+
+    r = await api.post(f"/v1/dead-letters/{letter['id']}/replay", headers=ADMIN)
+    assert r.status_code == 200, r.text
+    while await eng.router.route_once():
+        pass
+    cid = await eng.customer("rp1")
+    traits = await eng.pool.fetchval("SELECT traits FROM customers WHERE id = $1", cid)
+    # B's newer plan stays; what A set that B did not is applied.
+    assert traits == {"plan": "pro", "company": "acme", "timezone": "Broken/Zone"}

@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import uuid
 from collections.abc import Coroutine
 from typing import Any
 
 from activities.channels import StoredChannel
 from activities.channels.email import EmailChannel
 from core.embedded import find_binary
+from models.runtime import JourneyRunInput
+from store.journeys import parse_definition
 from tests.conftest import eventually
 from tests.harness import Engine, engine, identify, track
 from tests.smtp import free_port
+from workflows.journey import JourneyWorkflow
 
 JOURNEY = {
     "id": "reconciled",
@@ -120,3 +124,61 @@ async def test_a_merged_duplicate_the_router_could_not_tell_is_ended_by_reconcil
             "exited",
             f"operator: merged into {survivor}",
         )
+
+
+def _exits_in_flight() -> int:
+    """Background tasks telling a merged duplicate to exit."""
+    return sum(
+        1
+        for t in asyncio.all_tasks()
+        if not t.done()
+        and getattr(t.get_coro(), "__qualname__", "") == "EventRouter._end_duplicate"
+    )
+
+
+async def _no_exits_in_flight() -> bool:
+    return _exits_in_flight() == 0
+
+
+async def test_duplicates_that_never_accept_the_exit_do_not_stall_routing(db, dev_env):
+    # Two routing slots, three merged duplicates whose workflow tasks never complete (here:
+    # nobody polls their queue; in production a non-determinism error after a deploy).
+    async with engine(db, dev_env, concurrency=2) as eng:
+        eng.router.exit_wait = 1.0
+        await eng.publish(WAITER)
+        defn = parse_definition(WAITER)
+        stuck = [f"journey-waiter-stuck{i}-{uuid.uuid4().hex[:6]}" for i in range(3)]
+        try:
+            for wid in stuck:
+                await eng.client.start_workflow(
+                    JourneyWorkflow.run,
+                    JourneyRunInput(journey=defn, customer_id=wid, enrollment_id=f"{wid}:m",
+                                    history_limit=100, events=[]),
+                    id=wid, task_queue=f"nobody-polls-{uuid.uuid4().hex[:6]}",
+                )  # fmt: skip
+                await eng.pool.execute(
+                    "INSERT INTO journey_runs (enrollment_id, workflow_id, journey_id, "
+                    "journey_version, customer_id, status, exit_reason, ended_at) "
+                    "VALUES ($1, $2, 'waiter', 1, $3, 'exited', 'merged', now())",
+                    f"{wid}:m", wid, wid,
+                )  # fmt: skip
+            for _ in range(3):  # passes while the first exits are still waiting
+                assert await asyncio.wait_for(eng.router.reconcile(), timeout=20) == 0
+            assert _exits_in_flight() == 3  # one per duplicate, not one per pass
+            await asyncio.wait_for(eng.send(identify("rs1"), track("rs1", "Started")), 20)
+            run = await eng.run("waiter", "rs1")
+            assert (await run.describe()).status.name == "RUNNING"
+            # Each wait is bounded; the next pass tries again.
+            await eventually(_no_exits_in_flight, what="the exits to give up")
+            assert await eng.router.reconcile() == 0
+            assert _exits_in_flight() == 3
+        finally:
+            for wid in stuck:
+                await eng.client.get_workflow_handle(wid).terminate("test ended")
+        await eventually(_no_exits_in_flight, what="the exits to end")
+        # Closed now: recorded once, never described again.
+        assert await eng.router.reconcile() == 0
+        reasons = await eng.pool.fetch(
+            "SELECT exit_reason FROM journey_runs WHERE workflow_id = ANY($1::text[])", stuck
+        )
+        assert [r["exit_reason"] for r in reasons] == ["merged (workflow terminated)"] * 3

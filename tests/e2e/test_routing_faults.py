@@ -9,6 +9,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from temporalio.client import WorkflowHandle
 from temporalio.service import RPCError, RPCStatusCode
 
 import activities.router as router_module
@@ -218,3 +219,201 @@ async def test_transient_errors_do_not_dead_letter(eng, monkeypatch, error):
     assert await _route_all(eng) == 6  # three tries stored two events each; none is lost
     await eventually(lambda: _greeted(eng, "tt1"), what="tt1 greeted")
     assert await dead_letters(eng) == []
+
+
+# -- a lost leader connection: one sweeper, routing goes on ---------------------------------
+
+
+async def _leader_pid(eng: Engine) -> int | None:
+    """The backend holding the router's leader lock (an advisory lock on a bigint key)."""
+    return await eng.pool.fetchval(
+        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND classid = 0 AND objid = $1 "
+        "AND granted",
+        router_module.LEADER_LOCK,
+    )
+
+
+def _sweepers() -> int:
+    return sum(
+        1
+        for t in asyncio.all_tasks()
+        if not t.done() and getattr(t.get_coro(), "__qualname__", "") == "EventRouter._sweep"
+    )
+
+
+async def test_a_lost_leader_connection_leaves_one_sweeper_and_routing_goes_on(eng):
+    stop = asyncio.Event()
+    running = asyncio.create_task(eng.router.run(stop))
+    try:
+        killed: set[int] = set()
+        for _ in range(3):
+            pid = await eventually(
+                lambda: _new_leader(eng, killed), what="a leader holding the lock"
+            )
+            await eventually(lambda: _sweepers_started(), what="the leader's sweeper")
+            assert await eng.pool.fetchval("SELECT pg_terminate_backend($1)", pid)
+            killed.add(pid)
+        await eventually(lambda: _new_leader(eng, killed), what="a leader after the kills")
+        await eventually(lambda: _sweepers_started(), what="the new leader's sweeper")
+        assert _sweepers() == 1
+        assert eng.router.leader_pid == await _leader_pid(eng)
+        await store_only(eng, identify("lc1"), track("lc1", "Started"))
+        await eventually(lambda: _greeted(eng, "lc1"), what="lc1 greeted by the new leader")
+        assert _sweepers() == 1
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, timeout=30)
+    assert _sweepers() == 0
+
+
+async def _new_leader(eng: Engine, killed: set[int]) -> int | None:
+    pid = await _leader_pid(eng)
+    return pid if pid is not None and pid not in killed else None
+
+
+async def _sweepers_started() -> bool:
+    return _sweepers() > 0
+
+
+async def test_a_connection_lost_mid_chunk_does_not_hide_the_error(eng, monkeypatch):
+    class RealError(Exception):
+        pass
+
+    async def dies(self: Any, conn: asyncpg.Connection) -> int:
+        lost = asyncio.Event()
+        conn.add_termination_listener(lambda _: lost.set())
+        await eng.pool.execute("SELECT pg_terminate_backend($1)", conn.get_server_pid())
+        await asyncio.wait_for(lost.wait(), timeout=10)
+        raise RealError("what went wrong first")
+
+    monkeypatch.setattr(router_module.EventRouter, "_route_chunk", dies)
+    with pytest.raises(RealError):
+        await eng.router.route_once()
+    monkeypatch.undo()
+    await eng.send(identify("lm1"), track("lm1", "Started"))
+    await eventually(lambda: _greeted(eng, "lm1"), what="lm1 greeted")
+
+
+# -- what is the event's fault, and what is not --------------------------------------------
+
+PINGER = {
+    "id": "pinger",
+    "name": "Pinger",
+    "entry": {"event": "Started"},
+    "steps": [
+        {"id": "listen", "kind": "wait_for", "timeout": "30d",
+         "events": [{"event": "Ping", "next": "reply"}]},
+        {"id": "reply", "kind": "send", "template": {"body": "pong"}},
+    ],
+}  # fmt: skip
+
+
+async def test_a_signal_one_run_rejects_dead_letters_the_event_and_the_rest_flows(eng, monkeypatch):
+    await eng.publish(PINGER)
+    await eng.send(
+        identify("full"), track("full", "Started"), identify("ok"), track("ok", "Started")
+    )
+    full = (await eng.run("pinger", "full")).id
+    real = WorkflowHandle.signal
+
+    async def over_limit(self: WorkflowHandle, signal: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.id == full:  # what the server answers a run past its 10,000 signals
+            raise RPCError(
+                "exceeded workflow execution limit for signal events",
+                RPCStatusCode.INVALID_ARGUMENT,
+                b"",
+            )
+        return await real(self, signal, *args, **kwargs)
+
+    monkeypatch.setattr(WorkflowHandle, "signal", over_limit)
+    ping = track("full", "Ping")
+    await eng.send(ping, track("ok", "Ping"))
+
+    async def ponged() -> bool:
+        return any(m["body"] == "pong" for m in await eng.messages("ok"))
+
+    await eventually(ponged, what="the other run answered")
+    (letter,) = await dead_letters(eng)
+    assert letter["message_id"] == ping["messageId"]
+    assert "exceeded workflow execution limit" in letter["error"]
+
+
+async def test_a_failure_of_every_start_dead_letters_nothing(eng, monkeypatch):
+    async def refused(*args: Any) -> Any:  # e.g. a search attribute missing on the server
+        raise RPCError(
+            "search attribute JourneyStep is not defined", RPCStatusCode.INVALID_ARGUMENT, b""
+        )
+
+    monkeypatch.setattr(router_module, "start_run", refused)
+    users = [f"sa-{i}" for i in range(3)]
+    with pytest.raises(RPCError):
+        await eng.send(*[e for u in users for e in (identify(u), track(u, "Started"))])
+    with pytest.raises(RPCError):
+        await eng.router.route_once()  # retried, still failing: still nothing set aside
+    assert await dead_letters(eng) == []
+    monkeypatch.undo()  # the operator registers the attribute
+    assert await _route_all(eng) == 6
+    for u in users:
+        await eventually(lambda u=u: _greeted(eng, u), what=f"{u} greeted")
+    assert await dead_letters(eng) == []
+
+
+async def test_an_error_every_event_hits_is_systemic_and_dead_letters_nothing(eng, monkeypatch):
+    def broken(name: object) -> bool:  # a bug every event runs into
+        raise ValueError("timezone check is broken")
+
+    monkeypatch.setattr(profiles_module, "valid_timezone", broken)
+    users = [f"sy-{i}" for i in range(3)]
+    await store_only(eng, *[e for u in users for e in (identify(u), track(u, "Started"))])
+    failed: BaseException | None = None
+    try:
+        await eng.router.route_once()
+    except Exception as err:  # asserted below, after what matters most
+        failed = err
+    assert await dead_letters(eng) == []
+    assert isinstance(failed, router_module.SystemicRoutingError), failed
+    assert isinstance(failed.__cause__, ValueError)
+    monkeypatch.undo()  # the fix is deployed
+    assert await _route_all(eng) == 6
+    for u in users:
+        await eventually(lambda u=u: _greeted(eng, u), what=f"{u} greeted")
+    assert await dead_letters(eng) == []
+
+
+async def test_an_unreadable_stored_run_holds_its_customers_events_back_without_dead_letters(eng):
+    await eng.send(identify("hx1"), track("hx1", "Started"))
+    await eventually(lambda: _greeted(eng, "hx1"), what="hx1 greeted")
+    cid = await eng.customer("hx1")
+    # A deploy changed the event model: this customer's stored entry no longer validates.
+    await eng.pool.execute(
+        "UPDATE journey_runs SET entry = '{\"unexpected\": true}'::jsonb WHERE customer_id = $1",
+        cid,
+    )
+    held = track("hx1", "Clicked")
+    await store_only(eng, held, identify("hx2"), track("hx2", "Started"))
+    for _ in range(2):  # held back again on each try, loudly, never set aside
+        with pytest.raises(router_module.RoutingHeld):
+            await eng.router.route_once()
+    await eventually(lambda: _greeted(eng, "hx2"), what="hx2 greeted meanwhile")
+    assert await dead_letters(eng) == []
+    unrouted = "SELECT count(*) FROM events WHERE message_id = $1 AND routed_at IS NULL"
+    assert await eng.pool.fetchval(unrouted, held["messageId"]) == 1
+    await eng.pool.execute("UPDATE journey_runs SET entry = NULL WHERE customer_id = $1", cid)
+    assert await _route_all(eng) == 1
+    assert await eng.pool.fetchval(unrouted, held["messageId"]) == 0
+
+
+async def test_an_event_no_signal_can_carry_is_dead_lettered_not_refused_by_the_server(eng):
+    # Over Temporal's 2 MB payload limit: refused starts are not the event's fault (see the
+    # router), so the event's size is checked before any call and it is set aside on its own.
+    big = await insert_raw(eng, track("big-1", "Started"), "now()")
+    await eng.pool.execute(  # stored before the API's 32 KB limit, or by another writer
+        "UPDATE events SET payload = jsonb_set(payload, '{properties}', "
+        "jsonb_build_object('blob', repeat('x', 2500000))) WHERE id = $1",
+        big,
+    )
+    await eng.send(identify("small-1"), track("small-1", "Started"))
+    await eventually(lambda: _greeted(eng, "small-1"), what="small-1 greeted")
+    (letter,) = await dead_letters(eng)
+    assert letter["event_id"] == big
+    assert "over the 524288 a signal carries" in letter["error"]
