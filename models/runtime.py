@@ -8,6 +8,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from models.journey import JourneyDefinition, Template
+from models.loading import runtime_model
+
+# A definition read back from workflow history (input, continue-as-new state, a migrate
+# update): loaded leniently, so a later release's stricter schema never fails a run in flight.
+RuntimeDefinition = runtime_model(JourneyDefinition)
 
 
 class JourneyEvent(BaseModel):
@@ -50,7 +55,7 @@ class SteerCommand(BaseModel):
     step_id: str | None = Field(default=None, description="target step, for move and migrate")
     reason: str = Field(min_length=1, max_length=500)
     by: str | None = None
-    definition: JourneyDefinition | None = Field(
+    definition: RuntimeDefinition | None = Field(
         default=None, description="migrate: the version to move to (its step_id)"
     )
 
@@ -96,7 +101,7 @@ class JourneyState(BaseModel):
 
 
 class JourneyRunInput(BaseModel):
-    journey: JourneyDefinition
+    journey: RuntimeDefinition
     customer_id: str
     enrollment_id: str
     state: JourneyState | None = None
