@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Any, Literal
 
@@ -85,6 +86,7 @@ class JourneyState(BaseModel):
     seen: list[str] = Field(default_factory=list, description="recent message ids, for dedupe")
     results: dict[str, Any] = Field(default_factory=dict)
     history: list[StepRecord] = Field(default_factory=list)
+    history_dropped: int = Field(default=0, description="oldest step records not kept")
     continued: int = 0
     effect_seq: int = 0
     loops: dict[str, int] = Field(default_factory=dict)
@@ -98,6 +100,30 @@ class JourneyState(BaseModel):
         default_factory=list, description="ids of events that came after the end, to release"
     )
     steered: list[SteerRecord] = Field(default_factory=list)
+
+
+def json_size(value: Any) -> int:
+    """Bytes of `value` as JSON, the way it is carried in workflow history."""
+    return len(json.dumps(value, separators=(",", ":"), default=str, ensure_ascii=False).encode())
+
+
+def fit(value: Any, limit: int) -> Any:
+    """`value` within `limit` bytes of JSON: the largest parts of a mapping are shrunk first
+    (so small fields such as a webhook's `status` stay readable), and whatever still does not
+    fit becomes `{"truncated": true, "bytes": <its size>}`."""
+    size = json_size(value)
+    if size <= limit:
+        return value
+    if isinstance(value, dict):
+        out = dict(value)
+        for key in sorted(out, key=lambda k: -json_size(out[k])):
+            excess = json_size(out) - limit
+            if excess <= 0:
+                break
+            out[key] = fit(out[key], max(json_size(out[key]) - excess, 0))
+        if json_size(out) <= limit:
+            return out
+    return {"truncated": True, "bytes": size}
 
 
 class JourneyRunInput(BaseModel):
@@ -117,6 +143,7 @@ class JourneyRunResult(BaseModel):
     sends: int
     steps: list[str]
     continued: int = 0
+    steps_dropped: int = Field(default=0, description="steps entered before `steps` starts")
 
 
 class RunSummary(BaseModel):
@@ -130,6 +157,7 @@ class RunSummary(BaseModel):
     step_deadline: datetime | None
     exit_reason: str | None
     history: list[StepRecord]
+    history_dropped: int = 0
     results: dict[str, Any]
     steered: list[SteerRecord] = Field(default_factory=list)
     held: bool = False

@@ -18,8 +18,8 @@ from temporalio.client import WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
-from tests.harness import Engine, engine, identify, track
 from models.runtime import JourneyRunResult
+from tests.harness import Engine, engine, identify, track
 from workflows.journey import JourneyWorkflow, workflow_id_for
 from workflows.launch import LaunchWorkflow
 
@@ -127,9 +127,7 @@ async def test_fresh_histories_of_the_examples_replay(db, ts_env, receiver, capl
     save(histories)
 
 
-@pytest.mark.parametrize(
-    "path", RECORDED, ids=lambda p: f"{p.parent.name}/{p.stem}"
-)
+@pytest.mark.parametrize("path", RECORDED, ids=lambda p: f"{p.parent.name}/{p.stem}")
 async def test_recorded_history_replays(path: Path):
     """Every history of every release replays with the current workflow code."""
     history = WorkflowHistory.from_json(path.stem, path.read_text())
