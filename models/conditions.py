@@ -15,13 +15,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
-    ConfigDict,
     Discriminator,
     Field,
     Tag,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
+
+from models.loading import DefinitionModel, at_runtime
 
 Op = Literal[
     "eq", "ne", "gt", "gte", "lt", "lte", "in", "not_in", "contains", "starts_with",
@@ -30,8 +32,9 @@ Op = Literal[
 ROOTS = ("event", "entry", "profile", "results")
 
 
-class Compare(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Compare(DefinitionModel):
+    """Checked at publish; a run evaluates what was published (models.loading)."""
+
     path: str = Field(description="dotted path from a root: event, entry, profile, results")
     op: Op
     value: Any = None
@@ -43,13 +46,17 @@ class Compare(BaseModel):
 
     @field_validator("path")
     @classmethod
-    def _known_root(cls, v: str) -> str:
+    def _known_root(cls, v: str, info: ValidationInfo) -> str:
+        if at_runtime(info):
+            return v
         if v.split(".", 1)[0] not in ROOTS:
             raise ValueError(f"path {v!r} must start with one of {', '.join(ROOTS)}")
         return v
 
     @model_validator(mode="after")
-    def _value_fits_op(self) -> Compare:
+    def _value_fits_op(self, info: ValidationInfo) -> Compare:
+        if at_runtime(info):
+            return self  # evaluating a mismatched type is false, never an error
         if self.value_from is not None:
             if self.value is not None:
                 raise ValueError("give value or value_from, not both")
@@ -70,18 +77,15 @@ class Compare(BaseModel):
         return self
 
 
-class AllOf(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class AllOf(DefinitionModel):
     all: list[Condition]
 
 
-class AnyOf(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class AnyOf(DefinitionModel):
     any: list[Condition]
 
 
-class Not(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+class Not(DefinitionModel):
     not_: Condition = Field(alias="not")
 
 

@@ -9,20 +9,24 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, ValidationInfo, model_validator
 
 from models.conditions import Condition, evaluate
 from models.durations import Duration
+from models.loading import Checked, DefinitionModel, at_runtime
 
 END = "end"
 EventType = Literal["track", "identify", "page", "screen", "group", "alias"]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+# Every class here is strict when a definition is published and lenient when a run loads it
+# from workflow history (see models.loading): constraints are `Checked`, rules skip at run time.
+Slug = Annotated[str, Checked(pattern=r"^[a-z0-9][a-z0-9_\-]*$", max_length=64)]
+ClockTime = Annotated[str, Checked(pattern=r"^([01]\d|2[0-3]):[0-5]\d$")]
+HttpUrl = Annotated[str, Checked(pattern=r"^https?://")]
 
 
-class EventMatch(_Strict):
+class EventMatch(DefinitionModel):
     """Which events count: a type, an event name (for `track`), and conditions on `event.*`."""
 
     type: EventType = "track"
@@ -30,7 +34,9 @@ class EventMatch(_Strict):
     conditions: Condition | None = None
 
     @model_validator(mode="after")
-    def _name_for_track(self) -> EventMatch:
+    def _name_for_track(self, info: ValidationInfo) -> EventMatch:
+        if at_runtime(info):
+            return self  # checked when published
         if self.type == "track" and not self.event:
             raise ValueError("a track match needs an `event` name")
         return self
@@ -43,18 +49,20 @@ class EventMatch(_Strict):
         return evaluate(self.conditions, {**(ctx or {}), "event": event})
 
 
-class Template(_Strict):
+class Template(DefinitionModel):
     """Inline content (`subject`, `body`, `html`), or `ref` to a stored template: publishing
     pins the stored template's current version unless `version` is given."""
 
     subject: str | None = None
     body: str | None = None
     html: str | None = None
-    ref: str | None = Field(default=None, pattern=r"^[a-z0-9][a-z0-9_\-]*$", max_length=64)
-    version: int | None = Field(default=None, ge=1)
+    ref: Slug | None = None
+    version: Annotated[int, Checked(ge=1)] | None = None
 
     @model_validator(mode="after")
-    def _inline_or_ref(self) -> Template:
+    def _inline_or_ref(self, info: ValidationInfo) -> Template:
+        if at_runtime(info):
+            return self  # checked when published
         if self.ref is None and self.body is None:
             raise ValueError("a template needs `body` (inline) or `ref` (a stored template)")
         if self.ref is not None and (self.body, self.subject, self.html) != (None, None, None):
@@ -64,8 +72,8 @@ class Template(_Strict):
         return self
 
 
-class _Step(_Strict):
-    id: str = Field(pattern=r"^[a-z0-9][a-z0-9_\-]*$", max_length=64)
+class _Step(DefinitionModel):
+    id: Slug
     name: str | None = None
 
 
@@ -81,14 +89,16 @@ class WaitStep(_Step):
 
     kind: Literal["wait"]
     duration: Duration | None = None
-    at: str | None = Field(default=None, pattern=r"^([01]\d|2[0-3]):[0-5]\d$")
+    at: ClockTime | None = None
     weekdays: list[Weekday] | None = None
     until: str | None = Field(default=None, description="path to an ISO-8601 date")
-    offset: str | None = Field(default=None, pattern=r"^[+-]?(\d+[smhdw])+$")
+    offset: Annotated[str, Checked(pattern=r"^[+-]?(\d+[smhdw])+$")] | None = None
     next: str | None = None
 
     @model_validator(mode="after")
-    def _one_form(self) -> WaitStep:
+    def _one_form(self, info: ValidationInfo) -> WaitStep:
+        if at_runtime(info):
+            return self  # checked when published
         forms = [self.duration is not None, self.at is not None, self.until is not None]
         if sum(forms) != 1:
             raise ValueError("give exactly one of duration, at, until")
@@ -114,13 +124,13 @@ class WaitForStep(_Step):
     arrived after the run entered but before this step started (no lost race)."""
 
     kind: Literal["wait_for"]
-    events: list[WaitForOutcome] = Field(min_length=1)
+    events: Annotated[list[WaitForOutcome], Checked(min_length=1)]
     since: Literal["step", "entry"] = "step"
     timeout: Duration
     on_timeout: str | None = Field(default=None, description="step on timeout; default: next")
 
 
-class BranchCase(_Strict):
+class BranchCase(DefinitionModel):
     when: Condition
     next: str
 
@@ -129,16 +139,16 @@ class BranchStep(_Step):
     """First matching case wins; `else` is required so every customer has a path."""
 
     kind: Literal["branch"]
-    cases: list[BranchCase] = Field(min_length=1)
+    cases: Annotated[list[BranchCase], Checked(min_length=1)]
     else_: str = Field(alias="else")
 
 
-class QuietHours(_Strict):
+class QuietHours(DefinitionModel):
     """No send between `start` and `end` (local time in the customer's timezone; may span
     midnight): `wait` until the window ends (a durable timer), or `skip` (recorded)."""
 
-    start: str = Field(pattern=r"^([01]\d|2[0-3]):[0-5]\d$")
-    end: str = Field(pattern=r"^([01]\d|2[0-3]):[0-5]\d$")
+    start: ClockTime
+    end: ClockTime
     mode: Literal["wait", "skip"] = "wait"
 
 
@@ -156,7 +166,7 @@ class SendStep(_Step):
     channel: ChannelChoice = "outbox"
     template: Template
     category: Literal["marketing", "transactional"] = "marketing"
-    topic: str = Field(default="marketing", pattern=r"^[a-z0-9][a-z0-9_\-]*$", max_length=64)
+    topic: Slug = "marketing"
     quiet_hours: QuietHours | None = None
     # Content for one channel instead of `template` when the send goes out on it (an SMS text
     # beside the email of a fallback list).
@@ -164,7 +174,9 @@ class SendStep(_Step):
     next: str | None = None
 
     @model_validator(mode="after")
-    def _channels(self) -> SendStep:
+    def _channels(self, info: ValidationInfo) -> SendStep:
+        if at_runtime(info):
+            return self  # checked when published
         if isinstance(self.channel, list):
             if not self.channel:
                 raise ValueError("channel: the fallback list is empty")
@@ -196,9 +208,9 @@ class ExitStep(_Step):
     reason: str = "exit"
 
 
-class SplitArm(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_\-]+$")
-    weight: int = Field(gt=0)
+class SplitArm(DefinitionModel):
+    name: Annotated[str, Checked(pattern=r"^[A-Za-z0-9_\-]+$")]
+    weight: Annotated[int, Checked(gt=0)]
     next: str | None = None
 
 
@@ -206,10 +218,12 @@ class SplitStep(_Step):
     """A/B/n: a customer's arm is a hash of (journey, customer, step), so it is stable."""
 
     kind: Literal["split"]
-    arms: list[SplitArm] = Field(min_length=2)
+    arms: Annotated[list[SplitArm], Checked(min_length=2)]
 
     @model_validator(mode="after")
-    def _unique(self) -> SplitStep:
+    def _unique(self, info: ValidationInfo) -> SplitStep:
+        if at_runtime(info):
+            return self  # checked when published
         if len({a.name for a in self.arms}) != len(self.arms):
             raise ValueError("arm names must be unique")
         return self
@@ -220,7 +234,7 @@ class HoldoutStep(_Step):
     same goal tracking) but every later `send` is skipped and recorded as `holdout`."""
 
     kind: Literal["holdout"]
-    percent: float = Field(gt=0, lt=100)
+    percent: Annotated[float, Checked(gt=0, lt=100)]
     next: str | None = None
 
 
@@ -234,7 +248,9 @@ class UpdateProfileStep(_Step):
     next: str | None = None
 
     @model_validator(mode="after")
-    def _something(self) -> UpdateProfileStep:
+    def _something(self, info: ValidationInfo) -> UpdateProfileStep:
+        if at_runtime(info):
+            return self  # checked when published
         if not (self.set or self.increment or self.unset or self.add_tags or self.remove_tags):
             raise ValueError("update_profile needs set, increment, unset, add_tags or remove_tags")
         return self
@@ -245,7 +261,7 @@ class GotoStep(_Step):
 
     kind: Literal["goto"]
     target: str
-    max_iterations: int = Field(ge=1, le=1000)
+    max_iterations: Annotated[int, Checked(ge=1, le=1000)]
     next: str | None = None
 
 
@@ -260,7 +276,9 @@ class ScoreStep(_Step):
     next: str | None = None
 
     @model_validator(mode="after")
-    def _known(self) -> ScoreStep:
+    def _known(self, info: ValidationInfo) -> ScoreStep:
+        if at_runtime(info):
+            return self  # checked when published
         if self.model not in SCORE_MODELS:
             raise ValueError(f"unknown model {self.model!r}; known: {', '.join(SCORE_MODELS)}")
         return self
@@ -272,11 +290,11 @@ class WebhookStep(_Step):
     a 4xx goes to `on_error` (default: the next step), never retried."""
 
     kind: Literal["webhook"]
-    url: str = Field(pattern=r"^https?://")
+    url: HttpUrl
     method: Literal["POST", "PUT", "PATCH", "GET"] = "POST"
     headers: dict[str, str] = Field(default_factory=dict)
     payload: dict[str, Any] = Field(default_factory=dict, description="string values are templates")
-    timeout_seconds: float = Field(default=10, gt=0, le=60)
+    timeout_seconds: Annotated[float, Checked(gt=0, le=60)] = 10
     next: str | None = None
     on_error: str | None = None
 
@@ -290,10 +308,10 @@ class HandoffStep(_Step):
     same way. The task exists in every case."""
 
     kind: Literal["handoff"]
-    queue: str = Field(pattern=r"^[a-z0-9][a-z0-9_\-]*$", max_length=64)
+    queue: Slug
     title: str = Field(description="template")
     details: dict[str, Any] = Field(default_factory=dict, description="string values are templates")
-    notify_url: str | None = Field(default=None, pattern=r"^https?://")
+    notify_url: HttpUrl | None = None
     wait: bool = False
     timeout: Duration | None = None
     next: str | None = None
@@ -301,7 +319,9 @@ class HandoffStep(_Step):
     on_error: str | None = Field(default=None, description="where to go if notify_url fails")
 
     @model_validator(mode="after")
-    def _timeout_with_wait(self) -> HandoffStep:
+    def _timeout_with_wait(self, info: ValidationInfo) -> HandoffStep:
+        if at_runtime(info):
+            return self  # checked when published
         if (self.timeout is not None or self.on_timeout is not None) and not self.wait:
             raise ValueError("timeout and on_timeout go with wait: true")
         if self.on_error is not None and self.notify_url is None:
@@ -335,7 +355,7 @@ class Goal(EventMatch):
     exit: bool = Field(default=True, description="end the run once the goal is reached")
 
 
-class ReEntry(_Strict):
+class ReEntry(DefinitionModel):
     """`never`: one run per customer ever; `always`: again once the last run ended;
     `after`: again once `after` has passed since the last run started."""
 
@@ -343,14 +363,16 @@ class ReEntry(_Strict):
     after: Duration | None = None
 
     @model_validator(mode="after")
-    def _after_needs_duration(self) -> ReEntry:
+    def _after_needs_duration(self, info: ValidationInfo) -> ReEntry:
+        if at_runtime(info):
+            return self  # checked when published
         if (self.policy == "after") != (self.after is not None):
             raise ValueError("re_entry.after is required with policy 'after', and only then")
         return self
 
 
-class JourneyDefinition(_Strict):
-    id: str = Field(pattern=r"^[a-z0-9][a-z0-9_\-]*$", max_length=64)
+class JourneyDefinition(DefinitionModel):
+    id: Slug
     name: str
     description: str | None = None
     version: int = Field(default=0, description="set by the store when published")
@@ -358,22 +380,24 @@ class JourneyDefinition(_Strict):
     exit_on: list[EventMatch] = Field(default_factory=list)
     re_entry: ReEntry = Field(default_factory=ReEntry)
     goal: Goal | None = None
-    run_key: str | None = Field(
+    run_key: Annotated[str, Checked(pattern=r"^(properties|traits)\.")] | None = Field(
         default=None,
-        pattern=r"^(properties|traits)\.",
         description="allow one live run per value of this entry-event path "
         "(e.g. properties.appointment_id) instead of one per customer",
     )
-    max_entries: int | None = Field(default=None, ge=1, description="cap on entries per customer")
-    frequency_cap: str | None = Field(
+    max_entries: Annotated[int, Checked(ge=1)] | None = Field(
+        default=None, description="cap on entries per customer"
+    )
+    frequency_cap: Annotated[str, Checked(pattern=r"^\d+/(\d+[smhdw])+$")] | None = Field(
         default=None,
-        pattern=r"^\d+/(\d+[smhdw])+$",
         description="marketing messages from this journey per customer, e.g. 1/1d",
     )
-    steps: list[Step] = Field(min_length=1)
+    steps: Annotated[list[Step], Checked(min_length=1)]
 
     @model_validator(mode="after")
-    def _targets_exist(self) -> JourneyDefinition:
+    def _targets_exist(self, info: ValidationInfo) -> JourneyDefinition:
+        if at_runtime(info):
+            return self  # checked when published
         ids: set[str] = set()
         for step in self.steps:
             if step.id == END:

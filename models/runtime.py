@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
 from models.journey import JourneyDefinition, Template
+from models.loading import runtime_model
+
+# A definition read back from workflow history (input, continue-as-new state, a migrate
+# update): loaded leniently, so a later release's stricter schema never fails a run in flight.
+RuntimeDefinition = runtime_model(JourneyDefinition)
 
 
 class JourneyEvent(BaseModel):
@@ -50,7 +56,7 @@ class SteerCommand(BaseModel):
     step_id: str | None = Field(default=None, description="target step, for move and migrate")
     reason: str = Field(min_length=1, max_length=500)
     by: str | None = None
-    definition: JourneyDefinition | None = Field(
+    definition: RuntimeDefinition | None = Field(
         default=None, description="migrate: the version to move to (its step_id)"
     )
 
@@ -80,6 +86,7 @@ class JourneyState(BaseModel):
     seen: list[str] = Field(default_factory=list, description="recent message ids, for dedupe")
     results: dict[str, Any] = Field(default_factory=dict)
     history: list[StepRecord] = Field(default_factory=list)
+    history_dropped: int = Field(default=0, description="oldest step records not kept")
     continued: int = 0
     effect_seq: int = 0
     loops: dict[str, int] = Field(default_factory=dict)
@@ -95,8 +102,32 @@ class JourneyState(BaseModel):
     steered: list[SteerRecord] = Field(default_factory=list)
 
 
+def json_size(value: Any) -> int:
+    """Bytes of `value` as JSON, the way it is carried in workflow history."""
+    return len(json.dumps(value, separators=(",", ":"), default=str, ensure_ascii=False).encode())
+
+
+def fit(value: Any, limit: int) -> Any:
+    """`value` within `limit` bytes of JSON: the largest parts of a mapping are shrunk first
+    (so small fields such as a webhook's `status` stay readable), and whatever still does not
+    fit becomes `{"truncated": true, "bytes": <its size>}`."""
+    size = json_size(value)
+    if size <= limit:
+        return value
+    if isinstance(value, dict):
+        out = dict(value)
+        for key in sorted(out, key=lambda k: -json_size(out[k])):
+            excess = json_size(out) - limit
+            if excess <= 0:
+                break
+            out[key] = fit(out[key], max(json_size(out[key]) - excess, 0))
+        if json_size(out) <= limit:
+            return out
+    return {"truncated": True, "bytes": size}
+
+
 class JourneyRunInput(BaseModel):
-    journey: JourneyDefinition
+    journey: RuntimeDefinition
     customer_id: str
     enrollment_id: str
     state: JourneyState | None = None
@@ -112,6 +143,7 @@ class JourneyRunResult(BaseModel):
     sends: int
     steps: list[str]
     continued: int = 0
+    steps_dropped: int = Field(default=0, description="steps entered before `steps` starts")
 
 
 class RunSummary(BaseModel):
@@ -125,6 +157,7 @@ class RunSummary(BaseModel):
     step_deadline: datetime | None
     exit_reason: str | None
     history: list[StepRecord]
+    history_dropped: int = 0
     results: dict[str, Any]
     steered: list[SteerRecord] = Field(default_factory=list)
     held: bool = False

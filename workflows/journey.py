@@ -27,6 +27,7 @@ with workflow.unsafe.imports_passed_through():
         SteerRecord,
         StepRecord,
         TaskClosed,
+        fit,
     )
     from workflows.steps import (
         ACTIVITY_RETRY,
@@ -39,6 +40,13 @@ with workflow.unsafe.imports_passed_through():
 
 SEEN_LIMIT = 1000
 INBOX_LIMIT = 100
+# State is bounded in bytes, not only in count (a goto may loop 1,000 times; a webhook answer
+# may be large), because it is carried through every continue-as-new. Runs started before
+# this patch keep their unbounded state until they continue as new (replay stays the same).
+BOUNDED_STATE = "journey-bounded-state"
+HISTORY_KEEP = 100  # step records kept; older ones are counted in `history_dropped`
+RESULT_BYTES = 16 * 1024  # per `results.<step>`, as JSON; larger parts become a marker
+HISTORY_BYTES_LIMIT = 2 * 1024 * 1024  # continue-as-new once the history is this large
 
 
 def workflow_id_for(journey_id: str, customer_id: str, run_key: str | None = None) -> str:
@@ -60,6 +68,7 @@ class JourneyWorkflow:
         if inp.state is None:
             self.state.pending.extend(inp.events)
         self.outcome: str | None = None
+        self.bounded = False  # set at the start of `run`: see BOUNDED_STATE
 
     # -- signals, queries -------------------------------------------------------------
     @workflow.signal
@@ -124,6 +133,7 @@ class JourneyWorkflow:
             step_deadline=self.state.step_deadline,
             exit_reason=self.state.exit_reason,
             history=self.state.history,
+            history_dropped=self.state.history_dropped,
             results=self.state.results,
             steered=self.state.steered,
             held=self.state.held,
@@ -133,6 +143,7 @@ class JourneyWorkflow:
     @workflow.run
     async def run(self, inp: JourneyRunInput) -> JourneyRunResult:
         st = self.state
+        self.bounded = workflow.patched(BOUNDED_STATE)
         if inp.state is None:
             self._take_entry()
             self._enter(self.journey.steps[0].id)
@@ -147,6 +158,7 @@ class JourneyWorkflow:
             if st.step_id is None:
                 st.status = "completed"
                 break
+            self._bound_state()
             if self.continue_as_new_due():
                 await workflow.wait_condition(workflow.all_handlers_finished)
                 st.continued += 1
@@ -177,6 +189,7 @@ class JourneyWorkflow:
                 continue
             self._enter(None if target == END else target)
         self._close_step()
+        self._bound_state()
         st.step_id = None  # the history keeps where the run ended
         st.step_deadline = None
         self.publish_position()
@@ -218,6 +231,7 @@ class JourneyWorkflow:
             sends=st.send_seq,
             steps=[h.step_id for h in st.history],
             continued=st.continued,
+            steps_dropped=st.history_dropped,
         )
 
     # -- helpers used by step handlers -------------------------------------------------
@@ -234,9 +248,24 @@ class JourneyWorkflow:
         return (
             info.is_continue_as_new_suggested()
             or info.get_current_history_length() >= self.history_limit
+            or (self.bounded and info.get_current_history_size() >= HISTORY_BYTES_LIMIT)
         )
 
     # -- internals ----------------------------------------------------------------------
+    def _bound_state(self) -> None:
+        """Keep what continue-as-new carries small: the last HISTORY_KEEP step records (the
+        rest counted) and each step result within RESULT_BYTES. Only in runs that started
+        with BOUNDED_STATE, so older histories replay as recorded."""
+        if not self.bounded:
+            return
+        st = self.state
+        for key, value in st.results.items():
+            st.results[key] = fit(value, RESULT_BYTES)
+        excess = len(st.history) - HISTORY_KEEP
+        if excess > 0:
+            del st.history[:excess]
+            st.history_dropped += excess
+
     def _apply_steer(self) -> None:
         st = self.state
         cmd = st.steer
