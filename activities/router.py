@@ -78,6 +78,7 @@ from activities.enrollment import (
     start_run,
 )
 from models.journey import EventMatch, JourneyDefinition
+from models.loading import RUNTIME
 from models.runtime import JourneyEvent, SteerCommand
 from store.events import NOTIFY_CHANNEL, dead_letter
 from store.journeys import (
@@ -361,7 +362,7 @@ class EventRouter:
         )
         starts = [
             Start(
-                JourneyDefinition.model_validate(r["definition"]),
+                JourneyDefinition.model_validate(r["definition"], context=RUNTIME),
                 r["customer_id"],
                 r["enrollment_id"],
                 r["workflow_id"],
@@ -681,7 +682,7 @@ class EventRouter:
             version,
         )
         try:
-            return JourneyDefinition.model_validate(data) if data else current
+            return JourneyDefinition.model_validate(data, context=RUNTIME) if data else current
         except ValueError as err:
             raise RunStateUnusable(f"journey {current.id} v{version}: {err}") from err
 

@@ -13,6 +13,7 @@ import yaml
 from pydantic import ValidationError
 
 from models.journey import STEP_KINDS, JourneyDefinition, SendStep, Template
+from models.loading import RUNTIME
 from models.validation import check
 from store.templates import CHANNELS, InvalidTemplate, check_content, get_template, get_version
 
@@ -207,7 +208,7 @@ async def routed_journeys(conn: asyncpg.Connection | asyncpg.Pool) -> list[Route
     )
     out: dict[str, RoutedJourney] = {}
     for r in rows:
-        defn = JourneyDefinition.model_validate(r["definition"])
+        defn = JourneyDefinition.model_validate(r["definition"], context=RUNTIME)
         interest = {(m.type, m.event) for m in defn.interesting()}
         if r["id"] not in out:
             out[r["id"]] = RoutedJourney(defn, r["status"], set(), set())
@@ -237,7 +238,7 @@ async def active_definitions(conn: asyncpg.Connection | asyncpg.Pool) -> list[Jo
         "ON v.journey_id = j.id AND v.version = j.current_version WHERE j.status = 'active' "
         "ORDER BY j.id"
     )
-    return [JourneyDefinition.model_validate(r["definition"]) for r in rows]
+    return [JourneyDefinition.model_validate(r["definition"], context=RUNTIME) for r in rows]
 
 
 async def publish_folder(conn: asyncpg.Connection | asyncpg.Pool, folder: Path) -> dict[str, int]:

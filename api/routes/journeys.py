@@ -21,6 +21,7 @@ from activities.enrollment import (
 from api.deps import AdminDep, PoolDep, SettingsDep, TemporalDep
 from api.errors import ApiError
 from models.journey import JourneyDefinition
+from models.loading import RUNTIME
 from models.public import (
     EnrollmentPublic,
     EnrollRequest,
@@ -293,7 +294,7 @@ async def migrate_runs(
         raise ApiError(404, "not_found", f"no journey {journey_id!r}")
     to_version = body.to_version or current
     versions = {
-        r["version"]: JourneyDefinition.model_validate(r["definition"])
+        r["version"]: JourneyDefinition.model_validate(r["definition"], context=RUNTIME)
         for r in await pool.fetch(
             "SELECT version, definition FROM journey_versions WHERE journey_id = $1 "
             "AND version = ANY($2::int[])",
