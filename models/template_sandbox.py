@@ -245,6 +245,7 @@ def _check_binop(op: str, left: Any, right: Any) -> None:
         for seq, times in ((left, right), (right, left)):
             if (
                 isinstance(seq, str | list | tuple)
+                and seq
                 and isinstance(times, int)
                 and times > 0
                 and _rendered_size(seq, MAX_RENDER_CHARS // times + 1) * times > MAX_RENDER_CHARS

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import tracemalloc
+from typing import Any
 
 import pytest
 from jinja2 import TemplateError
@@ -325,3 +326,33 @@ async def test_rendering_runs_off_the_event_loop(db, ts_env, api, monkeypatch) -
     assert r.status_code == 200, r.text
     assert r.json()["body"] == "b 1"
     assert threads and loop_thread not in threads
+
+
+async def test_a_variant_that_fails_to_render_fails_only_the_send_that_chooses_it(db, ts_env):
+    """Variants are rendered before the channel is chosen (outside the customer's lock); the
+    outcome is the one of rendering only the chosen variant."""
+    from models.runtime import RunSummary
+    from tests.harness import engine, identify, track
+
+    def journey(jid: str, channels: list[str]) -> dict[str, Any]:
+        send = {"id": "hi", "kind": "send", "channel": channels,
+                "template": {"body": "hi {{ profile.name }}"},
+                "variants": {"outbox": {"body": "{{ profile.missing }}"}}}  # fmt: skip
+        return {"id": jid, "name": jid, "entry": {"event": "Started"}, "steps": [send]}
+
+    async with engine(db, ts_env) as eng:
+        await eng.publish(journey("first_ok", ["in_app", "outbox"]))
+        await eng.publish(journey("only_bad", ["outbox"]))
+        await eng.send(identify("va", name="Vi"), track("va", "Started"))
+        ok = await eng.run("first_ok", "va")
+        bad = await eng.run("only_bad", "va")
+        await eng.result(ok)
+        await eng.result(bad)
+        assert (await ok.query("summary", result_type=RunSummary)).results["hi"]["status"] == (
+            "sent"
+        )
+        failed = (await bad.query("summary", result_type=RunSummary)).results["hi"]
+        assert failed["status"] == "failed" and "TemplateError" in failed["error"]
+        assert [(m["channel"], m["body"]) for m in await eng.messages("va")] == [
+            ("in_app", "hi Vi")
+        ]
