@@ -173,19 +173,24 @@ def _rendered_size(value: Any, limit: int = MAX_RENDER_CHARS, *, indent: bool = 
             total += item.bit_length() * 31 // 100 + 2
         elif isinstance(item, float):
             total += _FLOAT_CHARS
-        elif isinstance(item, _BYTES):
-            raise SecurityError("bytes are not available in message templates")
-        elif isinstance(item, Mapping | Collection) and not isinstance(item, Undefined):
+        elif isinstance(item, dict | list | tuple | set | frozenset) or (
+            # the ABCs are slow to ask: only for what is not a builtin container
+            isinstance(item, Mapping | Collection) and not isinstance(item, _BYTES | Undefined)
+        ):
             # Every entry is at least one character plus a separator: a container longer
             # than the limit is past it without looking at its items.
             entries = len(item)
             total += 2 + 3 * entries + (depth * entries if indent else 0)
             if total > limit:
                 return total
-            if isinstance(item, Mapping):
-                stack.extend((v, depth + 1) for kv in item.items() for v in kv)
+            if isinstance(item, dict | Mapping):
+                for key, val in item.items():
+                    stack.append((key, depth + 1))
+                    stack.append((val, depth + 1))
             else:
-                stack.extend((v, depth + 1) for v in item)
+                stack.extend([(v, depth + 1) for v in item])
+        elif isinstance(item, _BYTES):
+            raise SecurityError("bytes are not available in message templates")
         else:
             total += _OTHER_CHARS
         if total > limit:
