@@ -28,7 +28,7 @@ from activities.channels import (
 from activities.contact_policy import ContactPolicy, Decision
 from activities.links import unsubscribe_url
 from activities.rate_limits import RateLimits
-from activities.rendering import TemplateError, render, render_html
+from activities.rendering import TemplateError, off_loop, render, render_html
 from activities.scoring import MODELS
 from activities.signing import SIGNATURE_HEADER, signature_header
 from activities.tracking import instrument
@@ -90,6 +90,27 @@ class _Content:
     html: str | None
     template_id: str | None = None
     version: int | None = None
+
+
+_Rendered = tuple[str | None, str, str | None]  # subject, body, html
+
+
+def _render_contents(
+    contents: dict[str, _Content], ctx: dict[str, Any]
+) -> dict[str, _Rendered | TemplateError]:
+    """Each variant's subject, body and html rendered (run in the render threads); a
+    variant's TemplateError is kept, for the send to raise if it chooses that variant."""
+    out: dict[str, _Rendered | TemplateError] = {}
+    for name, content in contents.items():
+        try:
+            out[name] = (
+                render(content.subject, ctx) if content.subject else None,
+                render(content.body, ctx),
+                render_html(content.html, ctx) if content.html else None,
+            )
+        except TemplateError as err:
+            out[name] = err
+    return out
 
 
 def template_context(
@@ -182,21 +203,34 @@ class JourneyActivities:
         customer_id = profile.customer_id  # the survivor, if the customer was merged meanwhile
         contents = await self._contents(req)
         ctx = template_context(profile, req.entry, req.journey_id, req.journey_version)
+        # Rendered before the connection, transaction and customer's lock are taken, in the
+        # render threads: a render may take its whole budget, which neither the event loop
+        # nor the other sends to this customer should wait for. Every variant the channel
+        # choice (made under the lock) may pick is rendered; a variant's TemplateError
+        # fails the send only if it is the one chosen, as when rendering came after.
+        possible = self._possible_channels(req)
+        needed = {
+            name: content
+            for name, content in contents.items()
+            if name in possible or (name == "*" and not possible <= contents.keys())
+        }
+        rendered = await off_loop(_render_contents, needed, ctx)
         async with self.pool.acquire() as conn, conn.transaction():
             await self.policy.lock(conn, customer_id)
             row = await conn.fetchrow(_SELECT_MESSAGE, req.idempotency_key)
             fresh = row is None
             if row is None:
                 channel_name, decision = await self._choose(conn, req, customer_id, profile)
-                content = contents.get(channel_name) or contents["*"]
-                try:
-                    subject = render(content.subject, ctx) if content.subject else None
-                    body = render(content.body, ctx)
-                    html = render_html(content.html, ctx) if content.html else None
-                except TemplateError as err:
+                variant = channel_name if channel_name in contents else "*"
+                content = contents[variant]
+                if variant not in rendered:  # not foreseen by _possible_channels
+                    rendered |= await off_loop(_render_contents, {variant: content}, ctx)
+                parts = rendered[variant]
+                if isinstance(parts, TemplateError):
                     raise ApplicationError(
-                        f"step {req.step_id!r}: template error: {err}", type="TemplateError"
-                    ) from err
+                        f"step {req.step_id!r}: template error: {parts}", type="TemplateError"
+                    ) from parts
+                subject, body, html = parts
                 row = await conn.fetchrow(
                     "INSERT INTO messages (idempotency_key, customer_id, journey_id, "
                     "journey_version, step_id, workflow_id, channel, subject, body, html, "
@@ -445,14 +479,22 @@ class JourneyActivities:
             )
         return _Content(found.subject, found.body, found.html, found.template_id, found.version)
 
+    def _reachable(self) -> list[str]:
+        """The channels a `best` send chooses among."""
+        return [c for c in self.channels if c not in ("outbox", "webhook")]
+
+    def _possible_channels(self, req: SendRequest) -> set[str]:
+        """Every channel `_choose` may return for `req` (its candidates, or for `best` the
+        reachable ones; the ranker only orders them)."""
+        return set(self._reachable() if req.candidates == ["best"] else req.candidates)
+
     async def _choose(
         self, conn: asyncpg.Connection, req: SendRequest, customer_id: str, profile: Any
     ) -> tuple[str, Decision]:
         """The first candidate channel the policy allows; else the first refusal."""
         candidates = req.candidates
         if candidates == ["best"]:
-            reachable = [c for c in self.channels if c not in ("outbox", "webhook")]
-            candidates = await self.ranker.rank(conn, customer_id, reachable)
+            candidates = await self.ranker.rank(conn, customer_id, self._reachable())
         if req.skip_reason is not None:
             return candidates[0], Decision(False, req.skip_reason)
         refused: tuple[str, Decision] | None = None

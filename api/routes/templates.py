@@ -17,7 +17,7 @@ from fastapi import APIRouter
 
 from activities.channels import PermanentDeliveryError, RenderedMessage
 from activities.journey_activities import template_context
-from activities.rendering import TemplateError, render
+from activities.rendering import TemplateError, off_loop, render
 from api.deps import AdminDep, ChannelsDep, PoolDep
 from api.errors import ApiError
 from core.logs import get_logger
@@ -84,7 +84,8 @@ async def _profile(pool: asyncpg.Pool, ref: str) -> ProfileSnapshot:
 
 
 def _render(content: TemplateContent, ctx: dict[str, Any]) -> dict[str, str | None]:
-    """subject, body and html rendered; a failure is a 422 naming the field and the variable."""
+    """subject, body and html rendered; a failure is a 422 naming the field and the variable.
+    Called through `off_loop` (a render may take its whole budget; requests keep flowing)."""
     out: dict[str, str | None] = {}
     for field in ("subject", "body", "html"):
         source = getattr(content, field)
@@ -173,7 +174,7 @@ async def preview_template(
         version=content.version,
         channel=content.channel,
         customer_id=profile.customer_id,
-        **_render(content, ctx),
+        **await off_loop(_render, content, ctx),
     )
 
 
@@ -189,7 +190,8 @@ async def test_send_template(
         profile = await _profile(pool, body.customer_id)
     else:
         profile = ProfileSnapshot(customer_id=TEST_CUSTOMER, traits={}, stats={"timezone": None})
-    rendered = _render(content, template_context(profile, body.event, PREVIEW_JOURNEY))
+    ctx = template_context(profile, body.event, PREVIEW_JOURNEY)
+    rendered = await off_loop(_render, content, ctx)
     if content.channel == "email":
         rendered["subject"] = f"[TEST] {rendered['subject'] or ''}".rstrip()
     key = f"test:{uuid.uuid4()}"

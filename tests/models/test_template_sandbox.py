@@ -4,6 +4,10 @@ refused at publish where it can be seen without data."""
 
 from __future__ import annotations
 
+import threading
+import tracemalloc
+from typing import Any
+
 import pytest
 from jinja2 import TemplateError
 
@@ -11,6 +15,7 @@ from activities.rendering import render, render_html
 from models.template_sandbox import MAX_RENDER_CHARS, MAX_STEPS
 from models.validation import check_template_sources
 from store.templates import InvalidTemplate, check_content
+from tests.api.conftest import ADMIN, api, settings  # noqa: F401 (fixtures)
 
 CTX = {
     "profile": {
@@ -172,3 +177,182 @@ async def test_a_blow_up_hidden_in_data_fails_that_send_not_the_worker(db, ts_en
         assert summary.results["boom"]["status"] == "failed"
         assert "TemplateError" in summary.results["boom"]["error"]
         assert [m["body"] for m in await eng.messages("bu")] == ["still here"]
+
+
+# Blow-ups measured in review: each allocated far beyond the limit (or ran for seconds)
+# before the size check after it could see anything. Each must now be refused with a
+# bounded peak: at most a small multiple of MAX_RENDER_CHARS is ever held.
+BIG = {
+    **CTX,
+    "profile": {
+        **CTX["profile"],
+        "a1k": "a" * 1000,
+        # A list whose rendering is 100 M characters, held as 1000 references to one string
+        # (what `[s] * K` built before `*` measured element sizes).
+        "bigs": [CTX["profile"]["big"]] * 1000,
+    },
+}
+PEAK_BYTES = 64 * 2**20
+
+BLOW_UPS = [
+    # batch / slice return generators: nothing was measured after the filter.
+    "{% for r in 'ab'|batch(10**7, 'x') %}{{ r|length }}{% endfor %}",
+    "{{ 'ab'|slice(400000)|list|length }}",
+    "{{ 'ab'|slice(400000)|sort|length }}",
+    # list-mutating methods (their None result was never measured)
+    "{% set l = [profile.big] %}{% for i in [1] * 20 %}{{ l.extend(l) }}{% endfor %}{{ l|length }}",
+    "{% set l = [1] %}{{ l.append(2) }}{{ l }}",
+    "{% set l = [1] %}{{ l.insert(0, 2) }}{{ l }}",
+    "{% set l = [1] %}{{ l.pop() }}",
+    "{% set d = {} %}{{ d.update({'a': 1}) }}{{ d }}",
+    "{% set d = {} %}{{ d.setdefault('a', 1) }}",
+    # a list of references, measured by its length, not by what it renders to
+    "{% set l = [profile.big] * 1000 %}{{ l|length }}",
+    "{{ profile.bigs|map('upper')|list|length }}",
+    "{{ profile.bigs|join }}",
+    "{{ profile.bigs|string }}",
+    "{{ profile.bigs }}",
+    "{{ profile.bigs|tojson }}",
+    "{{ profile.bigs|pprint }}",
+    "{{ profile.bigs|sort|length }}",
+    "{{ profile.bigs|unique|list|length }}",
+    "{{ profile.bigs|select|list|length }}",
+    "{{ profile.bigs|reject('none')|list|length }}",
+    "{{ profile.bigs ~ '' }}",
+    "{{ '%s' % (profile.bigs,) }}",
+    "{{ '%s'|format(profile.bigs) }}",
+    "{{ profile.name|replace('A', profile.bigs) }}",
+    "{{ [profile.bigs, 1] }}",
+    "{% macro m() %}{% for i in [0] * 1000 %}{{ profile.big }}{% endfor %}{% endmacro %}"
+    "{{ m()|length }}",
+    "{% set x %}{% for i in [0] * 1000 %}{{ profile.big }}{% endfor %}{% endset %}{{ x|length }}",
+    # allocations hidden in methods and format strings
+    "{{ profile.a1k.translate({97: 'b' * 100000})|length }}",
+    "{{ 'a'.encode().center(10**8)|length }}",
+    "{{ 'a'.encode() }}",
+    "{{ '%(a)100000000s'|format(a=1)|length }}",
+    "{{ '%(a)100000000s' % {'a': 1} }}",
+    "{{ '%(a)*s' % {'a': 1} }}",
+    "{{ '{:>100000000}'.format(1)|length }}",
+]
+
+
+@pytest.mark.parametrize("source", BLOW_UPS)
+def test_blow_ups_are_refused_with_bounded_memory(source: str) -> None:
+    tracemalloc.start()
+    try:
+        with pytest.raises(TemplateError):
+            render(source, BIG)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < PEAK_BYTES, f"peak {peak / 2**20:.0f} MiB"
+
+
+def test_ordinary_filters_loops_and_formats_render_as_before() -> None:
+    ctx = {
+        **CTX,
+        "event": {"items": [{"name": "tea", "qty": 2}, {"name": "cake", "qty": 1}]},
+    }
+    cases = {
+        "{{ [3, 1, 2]|sort|join(', ') }}": "1, 2, 3",
+        "{{ event['items']|map(attribute='name')|join('/') }}": "tea/cake",
+        "{{ event['items']|selectattr('qty', 'gt', 1)|map(attribute='name')|list }}": "['tea']",
+        "{{ event['items']|sum(attribute='qty') }}": "3",
+        "{{ [1, 2, 2, 3]|unique|list }}": "[1, 2, 3]",
+        "{{ [1, None, 2]|select|list }} {{ [1, None]|reject|list }}": "[1, 2] [None]",
+        "{% for row in 'abcde'|batch(2, '-') %}{{ row|join }};{% endfor %}": "ab;cd;e-;",
+        "{% for col in [1, 2, 3, 4, 5]|slice(2) %}{{ col }}{% endfor %}": "[1, 2, 3][4, 5]",
+        "{{ event['items']|tojson }}": '[{"name": "tea", "qty": 2}, {"name": "cake", "qty": 1}]',
+        "{{ {'a': [1, 2]}|pprint }}": "{'a': [1, 2]}",
+        "{{ [1, 2]|string }} {{ [1, 2] }} {{ [1] ~ 'x' }}": "[1, 2] [1, 2] [1]x",
+        "{{ '%(n)5s' % {'n': 'ab'} }}|{{ '%*d' % (3, 5) }}": "   ab|  5",
+        "{{ '%5.2f|%-4s|' % (3.14159, 'x') }}{{ '%(a)3s'|format(a=1) }}": " 3.14|x   |  1",
+        "{{ 'abc'.translate({97: 'xy', 98: None}) }}": "xyc",
+        "{{ profile.many|length }} {{ profile.many|last }}": "50000 49999",
+        "{% set l = [profile.name] * 3 %}{{ l|join(',') }}": "Ada,Ada,Ada",
+        "{% macro m(x) %}<{{ x }}>{% endmacro %}{{ m(1) }}": "<1>",
+        "{% set y %}[{{ 2 }}]{% endset %}{{ y }}": "[2]",
+        "{% filter upper %}hi {{ profile.name }}{% endfilter %}": "HI ADA",
+        "{% for k, v in {'a': 1}|dictsort %}{{ k }}={{ v }}{% endfor %}": "a=1",
+    }
+    for source, expected in cases.items():
+        assert render(source, ctx) == expected, source
+    assert render_html("{{ [1, '<b>'] }}|{{ ['<i>']|join }}", CTX) == (
+        "[1, &#39;&lt;b&gt;&#39;]|&lt;i&gt;"
+    )
+
+
+async def test_rendering_runs_off_the_event_loop(db, ts_env, api, monkeypatch) -> None:  # noqa: F811
+    """A render may take up to MAX_SECONDS of CPU: in the worker's send activity and in the
+    API's preview it runs in a thread, so the event loop (other activities, other requests,
+    the worker's heartbeats) keeps running meanwhile."""
+    from models import template_sandbox
+    from tests.harness import engine, identify, track
+
+    loop_thread = threading.get_ident()
+    threads: list[int] = []
+    original = template_sandbox.BoundedEnvironment.render_bounded
+
+    def recording(self, template, context):  # type: ignore[no-untyped-def]
+        threads.append(threading.get_ident())
+        return original(self, template, context)
+
+    monkeypatch.setattr(template_sandbox.BoundedEnvironment, "render_bounded", recording)
+
+    journey = {
+        "id": "threaded",
+        "name": "threaded",
+        "entry": {"event": "Started"},
+        "steps": [{"id": "hi", "kind": "send", "template": {"body": "hi {{ profile.w }}"}}],
+    }
+    async with engine(db, ts_env) as eng:
+        await eng.publish(journey)
+        await eng.send(identify("th", w="x"), track("th", "Started"))
+        handle = await eng.run("threaded", "th")
+        assert (await eng.result(handle)).status == "completed"
+        assert [m["body"] for m in await eng.messages("th")] == ["hi x"]
+    assert threads and loop_thread not in threads
+
+    threads.clear()
+    r = await api.post(
+        "/v1/templates",
+        json={"id": "t", "name": "t", "channel": "email", "subject": "s", "body": "b {{ 1 }}"},
+        headers=ADMIN,
+    )
+    assert r.status_code == 201, r.text
+    await db.execute("INSERT INTO customers (id, traits) VALUES ('pc', '{}')")
+    r = await api.post("/v1/templates/t/preview", json={"customer_id": "pc"}, headers=ADMIN)
+    assert r.status_code == 200, r.text
+    assert r.json()["body"] == "b 1"
+    assert threads and loop_thread not in threads
+
+
+async def test_a_variant_that_fails_to_render_fails_only_the_send_that_chooses_it(db, ts_env):
+    """Variants are rendered before the channel is chosen (outside the customer's lock); the
+    outcome is the one of rendering only the chosen variant."""
+    from models.runtime import RunSummary
+    from tests.harness import engine, identify, track
+
+    def journey(jid: str, channels: list[str]) -> dict[str, Any]:
+        send = {"id": "hi", "kind": "send", "channel": channels,
+                "template": {"body": "hi {{ profile.name }}"},
+                "variants": {"outbox": {"body": "{{ profile.missing }}"}}}  # fmt: skip
+        return {"id": jid, "name": jid, "entry": {"event": "Started"}, "steps": [send]}
+
+    async with engine(db, ts_env) as eng:
+        await eng.publish(journey("first_ok", ["in_app", "outbox"]))
+        await eng.publish(journey("only_bad", ["outbox"]))
+        await eng.send(identify("va", name="Vi"), track("va", "Started"))
+        ok = await eng.run("first_ok", "va")
+        bad = await eng.run("only_bad", "va")
+        await eng.result(ok)
+        await eng.result(bad)
+        assert (await ok.query("summary", result_type=RunSummary)).results["hi"]["status"] == (
+            "sent"
+        )
+        failed = (await bad.query("summary", result_type=RunSummary)).results["hi"]
+        assert failed["status"] == "failed" and "TemplateError" in failed["error"]
+        assert [(m["channel"], m["body"]) for m in await eng.messages("va")] == [
+            ("in_app", "hi Vi")
+        ]
