@@ -608,8 +608,8 @@ class JourneyActivities:
         profile = await self._profile(req.customer_id, stats=False)
         ctx = template_context(profile, req.entry, req.journey_id)
         try:
-            title = render(req.title, ctx)
-            details = webhooks.render_payload(req.details, ctx)
+            title = await off_loop(render, req.title, ctx)
+            details = await off_loop(webhooks.render_payload, req.details, ctx)
         except TemplateError as err:
             raise ApplicationError(
                 f"step {req.step_id!r}: template error: {err}", type="TemplateError"

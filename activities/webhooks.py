@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 from temporalio.exceptions import ApplicationError
 
-from activities.rendering import TemplateError, render
+from activities.rendering import TemplateError, off_loop, render
 from activities.signing import SIGNATURE_HEADER, signature_header
 from core.outbound import OutboundRefused
 from models.runtime import WebhookRequest, WebhookResult
@@ -36,7 +36,7 @@ async def call(
     secret: str | None = None,
 ) -> WebhookResult:
     try:
-        payload = render_payload(req.payload, ctx)
+        payload = await off_loop(render_payload, req.payload, ctx)
     except TemplateError as err:
         raise ApplicationError(
             f"step {req.step_id!r}: template error: {err}", type="TemplateError"
