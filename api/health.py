@@ -27,10 +27,12 @@ from temporalio.api.enums.v1 import TaskQueueType, WorkerStatus
 from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest, ListWorkersRequest
 from temporalio.client import Client
-from temporalio.service import RPCError, RPCStatusCode
+from temporalio.service import RPCError
 
+from core.logs import get_logger
 from store.listing import oldest_unrouted
 
+log = get_logger("api.health")
 # A worker's polls begin at most ~60 s apart while it is alive (Temporal's long-poll timeout).
 POLL_WINDOW = timedelta(seconds=90)
 # The router is late when an event has waited this long (it routes within a second normally).
@@ -97,9 +99,9 @@ async def _stopped_workers(client: Client, namespace: str, task_queue: str) -> d
             timeout=CHECK_TIMEOUT,
         )
     except RPCError as err:
-        if err.status in (RPCStatusCode.UNIMPLEMENTED, RPCStatusCode.INVALID_ARGUMENT):
-            return {}  # an older server: polls alone tell
-        raise
+        # An older server, or worker heartbeats turned off: the age of the polls alone tells.
+        log.debug("health.list_workers_unavailable", status=str(err.status), error=err.message)
+        return {}
     out: dict[str, datetime] = {}
     for info in resp.workers_info:
         beat = info.worker_heartbeat

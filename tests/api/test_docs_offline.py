@@ -9,6 +9,7 @@ test fails (it does not skip) without it, so a machine without a browser cannot 
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterator
@@ -20,7 +21,10 @@ from playwright.async_api import Browser, ConsoleMessage, Page, Route, async_pla
 
 from tests.api.live_server import live_api
 
-ARTIFACTS = Path(tempfile.gettempdir()) / "journeys-test-artifacts"
+# Screenshots for a person to look at (docs-top.png, docs-publish-example.png, redoc.png).
+ARTIFACTS = Path(
+    os.environ.get("TEST_ARTIFACTS_DIR") or Path(tempfile.gettempdir()) / "journeys-test-artifacts"
+)
 
 
 @pytest.fixture
