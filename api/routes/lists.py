@@ -80,11 +80,16 @@ def _quoted(value: str) -> str | None:
     return f"'{value}'"
 
 
-async def _workflows_at_step(temporal: Client, journey_id: str, step: str) -> list[str]:
+async def _workflows_at_step(
+    temporal: Client, journey_id: str, step: str, version: int | None
+) -> list[str]:
+    """The live workflows of the journey (and version) at `step` (STEP_PATTERN: no quotes)."""
     journey = _quoted(journey_id)
     if journey is None:
         return []  # no journey has such an id (models.journey: ids are [a-z0-9_-])
     query = f"JourneyId = {journey} AND JourneyStep = '{step}' AND ExecutionStatus = 'Running'"
+    if version is not None:
+        query += f" AND JourneyVersion = {int(version)}"
     ids: list[str] = []
     async for execution in temporal.list_workflows(query, page_size=1000):
         ids.append(execution.id)
@@ -133,7 +138,9 @@ async def list_runs(
     if await pool.fetchval("SELECT 1 FROM journeys WHERE id = $1", journey_id) is None:
         raise ApiError(404, "not_found", f"no journey {journey_id!r}")
     try:
-        at_step = None if step is None else await _workflows_at_step(temporal, journey_id, step)
+        at_step = (
+            None if step is None else await _workflows_at_step(temporal, journey_id, step, version)
+        )
         page = await listing.journey_runs(
             pool,
             journey_id,
