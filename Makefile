@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: dev test lint bench bench-channels chaos soak clean
+.PHONY: dev test chromium lint bench bench-channels chaos soak clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 dev: $(STAMP)
 	$(BIN)/python -m core.devstack
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
@@ -38,6 +38,14 @@ MINUTES ?= 30
 RATE ?= 250
 soak: $(STAMP)
 	$(BIN)/python -m bench.soak --minutes $(MINUTES) --rate $(RATE)
+
+# A headless browser for tests/api/test_docs_offline.py: Debian's chromium (Playwright drives
+# it; it downloads no browser). A machine keeps nothing installed by hand, so this checks every
+# time and installs only when it is missing (a no-op otherwise).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+	@command -v chromium >/dev/null
 
 clean:
 	rm -rf $(VENV) .data

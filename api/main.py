@@ -9,15 +9,17 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
+import yaml
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic.json_schema import models_json_schema
 
 from activities.channels import build_channels
-from api import errors
+from api import docs, errors, health
 from api.access import AccessMiddleware, Keyring
-from api.deps import PoolDep
+from api.deps import PoolDep, TemporalDep
 from api.input_guard import InputGuard
 from api.routes import (
     audit,
@@ -29,6 +31,7 @@ from api.routes import (
     journeys,
     keys,
     launches,
+    lists,
     privacy,
     providers,
     reports,
@@ -40,7 +43,7 @@ from api.routes import (
 from api.scopes import ROUTE_SCOPES
 from core.logs import configure_logging
 from core.outbound import OutboundPolicy, outbound_client
-from core.settings import Settings, get_settings, require_secrets
+from core.settings import ROOT, Settings, get_settings, require_secrets
 from core.temporal import connect
 from models.segment import CALL_MODELS, BatchCall
 from store.db import create_pool
@@ -62,7 +65,10 @@ ROUTES = (
     audit,
     dead_letters,
     privacy,
+    lists,
 )
+# The example of a journey definition in /docs: a real one, as shipped.
+EXAMPLE_JOURNEY = ROOT / "journeys" / "welcome_series.yaml"
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -101,10 +107,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(
         title="Journeys",
-        description="Customer journey orchestration on Temporal: Segment-style event API, "
-        "customer read API, journey definitions.",
+        description=DESCRIPTION,
         version="0.1.0",
         lifespan=lifespan,
+        docs_url=None,  # served from a package by api.docs, not from a CDN
+        redoc_url=None,
     )
     errors.install(app)
     app.add_middleware(InputGuard, own_body_paths=events.RAW_BODY_PATHS)
@@ -113,13 +120,84 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in ROUTES:
         app.include_router(module.router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    docs.install(app)
 
-    @app.get("/health", tags=["health"])
-    async def health(pool: PoolDep) -> dict[str, str]:
-        await pool.fetchval("SELECT 1")
+    @app.get(
+        "/health",
+        tags=["health"],
+        response_model=health.Health,
+        responses={503: {"model": health.Health, "description": "a check failed (see checks)"}},
+    )
+    async def health_check(pool: PoolDep, temporal: TemporalDep) -> JSONResponse:
+        """PostgreSQL, Temporal, a worker polling the task queue, and router lag, each with
+        its details; 503 when any fails (e.g. the worker is down: events would be stored but
+        not routed). For load balancers use /health/live."""
+        report = await health.check(
+            pool, temporal, settings.temporal_namespace, settings.temporal_task_queue
+        )
+        status = 200 if report.status == "ok" else 503
+        return JSONResponse(report.model_dump(mode="json"), status_code=status)
+
+    @app.get("/health/live", tags=["health"])
+    async def health_live() -> dict[str, str]:
+        """The API process serves HTTP; checks nothing else (for load balancers)."""
         return {"status": "ok"}
 
     return app
+
+
+DESCRIPTION = """Customer journey orchestration on Temporal: Segment-style event API, customer
+read API, journey definitions.
+
+**Try it here.** Press **Authorize** and give a key: `writeKey` (HTTP Basic: the write key as
+user name, empty password) for the event routes (`/v1/track`, `/v1/batch`, ...), `adminKey`
+(Bearer: `JOURNEYS_ADMIN_KEY` or a scoped key from `POST /v1/keys`) for everything else.
+Then open a route, **Try it out**, **Execute**.
+
+**Journey definitions.** `POST /v1/journeys`, `PUT /v1/journeys/{journey_id}/draft` and
+`POST /v1/journeys/{journey_id}/validate` take a journey definition (JSON, or YAML converted);
+its full JSON Schema is at [`GET /v1/journeys/schema`](/v1/journeys/schema), and the example
+shown with those routes is `journeys/welcome_series.yaml`.
+
+**Lists** are paged: `limit`, then the `next_cursor` of a page as `cursor` for the next one.
+Errors are `{"code": ..., "message": ...}`, the message naming the field.
+"""
+# The routes whose body is a journey definition (their modules take `dict[str, Any]`).
+DEFINITION_BODIES = (
+    ("post", "/v1/journeys"),
+    ("put", "/v1/journeys/{journey_id}/draft"),
+    ("post", "/v1/journeys/{journey_id}/validate"),
+)
+
+
+def _example_definition() -> dict[str, Any] | None:
+    """journeys/welcome_series.yaml, or None where the example journeys are not installed."""
+    try:
+        loaded = yaml.safe_load(EXAMPLE_JOURNEY.read_text())
+    except OSError:
+        return None
+    return loaded if isinstance(loaded, dict) else None
+
+
+def _document_definition_bodies(schema: dict[str, Any]) -> None:
+    """A real journey as the example of the definition bodies, instead of the generic
+    `{"additionalProp1": {}}` that Swagger UI makes up for a free-form object."""
+    example = _example_definition()
+    for method, path in DEFINITION_BODIES:
+        operation = schema["paths"].get(path, {}).get(method)
+        if operation is None or "requestBody" not in operation:
+            continue
+        operation["description"] = (
+            operation.get("description", "")
+            + "\n\nThe body is a journey definition: its JSON Schema is `GET /v1/journeys/schema`"
+            " (example: `journeys/welcome_series.yaml`)."
+        ).strip()
+        for media in operation["requestBody"].get("content", {}).values():
+            media.setdefault("schema", {})["description"] = (
+                "a journey definition (JSON Schema: GET /v1/journeys/schema)"
+            )
+            if example is not None:
+                media["example"] = example
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:
@@ -157,6 +235,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
                 continue
             needs = WRITE_KEY if rule.scope == "ingest" else ADMIN_KEY
             schema["paths"][route.path_format][method.lower()]["security"] = [{needs: []}]
+    _document_definition_bodies(schema)
     app.openapi_schema = schema
     return schema
 

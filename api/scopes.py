@@ -65,10 +65,16 @@ _ADMIN = Rule("admin")
 
 ROUTE_SCOPES: dict[tuple[str, str], Rule] = {
     # -- public ----------------------------------------------------------------------------
-    ("GET", "/health"): _public("liveness probe, reveals nothing"),
+    ("GET", "/health"): _public(
+        "health checks for operators and monitors: up/down and counts, no customer data"
+    ),
+    ("GET", "/health/live"): _public("liveness probe for load balancers, reveals nothing"),
     ("GET", "/openapi.json"): _public("API description"),
     ("GET", "/docs"): _public("API description"),
     ("GET", "/docs/oauth2-redirect"): _public("part of /docs"),
+    ("GET", "/docs/assets/{name}"): _public(
+        "Swagger UI / ReDoc files from an installed package (api/docs.py), fixed list"
+    ),
     ("GET", "/redoc"): _public("API description"),
     ("GET", "/v1/t/o/{token}"): _public("open pixel: the signed token is the credential"),
     ("GET", "/v1/t/c/{token}"): _public("click redirect: the signed token is the credential"),
@@ -89,6 +95,7 @@ ROUTE_SCOPES: dict[tuple[str, str], Rule] = {
         for kind in ("batch", "track", "identify", "page", "screen", "group", "alias")
     },
     # -- read ------------------------------------------------------------------------------
+    ("GET", "/v1/customers"): _READ,
     ("GET", "/v1/customers/{ref}"): _READ,
     ("GET", "/v1/customers/{ref}/events"): _READ,
     ("GET", "/v1/customers/{ref}/messages"): _READ,
@@ -100,11 +107,13 @@ ROUTE_SCOPES: dict[tuple[str, str], Rule] = {
     ("GET", "/v1/journeys/{journey_id}"): _READ,
     ("GET", "/v1/journeys/{journey_id}/draft"): _READ,
     ("GET", "/v1/journeys/{journey_id}/channels"): _READ,
+    ("GET", "/v1/journeys/{journey_id}/runs"): _READ,
     ("GET", "/v1/templates"): _READ,
     ("GET", "/v1/templates/{template_id}"): _READ,
     ("GET", "/v1/templates/{template_id}/versions/{version}"): _READ,
     ("GET", "/v1/tasks"): _READ,
     ("GET", "/v1/tasks/{task_id}"): _READ,
+    ("GET", "/v1/launches"): _READ,
     ("GET", "/v1/launches/{launch_id}"): _READ,
     ("GET", "/v1/schedules"): _READ,
     ("GET", "/v1/schedules/{schedule_id}"): _READ,

@@ -94,17 +94,18 @@ def spawn_api(env: dict[str, str], port: int, out: Any = None) -> subprocess.Pop
 
 
 def wait_for_health(url: str, *, within: float, alive: Any) -> None:
-    """Until GET `url`/health answers 200; `alive()` raises if a process died meanwhile."""
+    """Until GET `url`/health/live answers 200 (the API serves; /health would also need a
+    worker, which may start later); `alive()` raises if a process died meanwhile."""
     import httpx
 
     deadline = time.monotonic() + within
     while True:
         try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+            if httpx.get(f"{url}/health/live", timeout=1).status_code == 200:
                 return
         except httpx.TransportError:
             pass  # not listening yet
         alive()
         if time.monotonic() > deadline:
-            raise RuntimeError(f"{url}/health did not answer within {within:.0f} s")
+            raise RuntimeError(f"{url}/health/live did not answer within {within:.0f} s")
         time.sleep(0.05)

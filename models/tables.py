@@ -38,6 +38,13 @@ class Customer(SQLModel, table=True):
             sa.text("regexp_replace(traits->>'phone', '[^0-9+]', '', 'g')"),
             postgresql_where=sa.text("merged_into IS NULL"),
         ),
+        # GET /v1/customers pages newest first (store.listing; migration 0013).
+        sa.Index(
+            "ix_customers_created",
+            "created_at",
+            "id",
+            postgresql_where=sa.text("merged_into IS NULL"),
+        ),
     )
     id: str = Field(primary_key=True, max_length=64)
     traits: dict[str, Any] = _json()
@@ -222,6 +229,8 @@ class JourneyRun(SQLModel, table=True):
     __table_args__ = (
         sa.Index("ix_runs_customer_status", "customer_id", "status"),
         sa.Index("ix_runs_journey_customer", "journey_id", "customer_id"),
+        # GET /v1/journeys/{id}/runs pages newest first (store.listing; migration 0013).
+        sa.Index("ix_runs_journey_started", "journey_id", "started_at", "enrollment_id"),
         # One live run per workflow id, whoever enrolls (router, enroll API) and however fast.
         sa.Index(
             "ux_runs_live_workflow",
