@@ -79,6 +79,8 @@ class Stack:
     def env(self) -> dict[str, str]:
         return {
             **os.environ,
+            # A throwaway local stack: its development secrets are allowed (core.settings).
+            "JOURNEYS_ENV": "development",
             "DATABASE_URL": self.db_url,
             "TEMPORAL_ADDRESS": self.temporal_address,
             "TEMPORAL_TASK_QUEUE": self.task_queue,
