@@ -294,3 +294,17 @@ def test_load_file_names_file_line_and_column(tmp_path):
     message = str(err.value)
     assert message.startswith(f"{path}: steps[1].kind (step 'pause', line 13, column 5)"), message
     assert "did you mean 'wait'?" in message
+
+
+async def test_the_audit_log_names_a_journey_published_as_yaml(api: httpx.AsyncClient, db):
+    for name in ("Hello", "Hello again"):
+        body = JOURNEY_YAML.replace("name: Hello", f"name: {name}")
+        assert (await api.post("/v1/journeys", content=body, headers=_yaml())).status_code == 200
+    r = await api.post("/v1/templates", content=TEMPLATE_YAML, headers=_yaml())
+    assert r.status_code == 201
+    r = await api.get("/v1/audit", headers=ADMIN)
+    template, second, first = r.json()["items"]
+    assert first["target"] == {"id": "hello"}, first
+    assert (first["before_version"], first["after_version"]) == (None, 1)
+    assert (second["before_version"], second["after_version"]) == (1, 2)
+    assert template["target"] == {"id": "welcome"} and template["after_version"] == 1
