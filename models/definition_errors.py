@@ -287,11 +287,15 @@ def explain(
     err: ValidationError | Sequence[Mapping[str, Any]],
     source: ParsedText | Mapping[str, Any],
     model: type[BaseModel] | None = None,
+    *,
+    prefix: Path = (),
 ) -> list[Problem]:
     """`err` (from validating `source`'s data as `model`; or its `errors()`) as Problems, one
-    per mistake, in the order they were found; positions when `source` is parsed text."""
+    per mistake, in the order they were found; positions when `source` is parsed text.
+    `prefix`: where in `source` the validated value is (its errors' locations start there)."""
     parsed = _parsed(source)
     raw = err.errors(include_url=False) if isinstance(err, ValidationError) else list(err)
+    raw = [{**e, "loc": (*prefix, *e["loc"])} for e in raw] if prefix else raw
     errors = [_split(parsed.data, tuple(e["loc"]), e["type"]) for e in raw]
     for split, e in zip(errors, raw, strict=True):
         split.error = e

@@ -308,3 +308,13 @@ async def test_the_audit_log_names_a_journey_published_as_yaml(api: httpx.AsyncC
     assert (first["before_version"], first["after_version"]) == (None, 1)
     assert (second["before_version"], second["after_version"]) == (1, 2)
     assert template["target"] == {"id": "welcome"} and template["after_version"] == 1
+
+
+async def test_an_audience_condition_error_is_said_plainly(api: httpx.AsyncClient, db):
+    assert (
+        await api.post("/v1/journeys", content=JOURNEY_YAML, headers=_yaml())
+    ).status_code == 200
+    audience = {"all": [{"path": "profile.traits.plan", "op": "eqq", "value": "pro"}]}
+    r = await api.post("/v1/journeys/hello/launches", json={"audience": audience}, headers=ADMIN)
+    message = assert_error(r, 400, "invalid_audience", "audience.all[0].op", "did you mean 'eq'?")
+    assert_plain(message)
