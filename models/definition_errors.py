@@ -241,12 +241,24 @@ def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     return [info.alias or name for name, info in t.model_fields.items()] if _is_model(t) else []
 
 
-def _say(e: _Error, model: type[BaseModel] | None) -> tuple[Path, str]:
+def _at(data: Any, path: Path) -> Any:
+    for part in path:
+        data = data[part] if _has(data, (part,)) else None
+    return data
+
+
+def _say(e: _Error, model: type[BaseModel] | None, data: Any) -> tuple[Path, str]:
     """The error's field and message, in the author's words."""
     err = e.error
     kind, ctx, given = err["type"], err.get("ctx") or {}, err.get("input")
     if kind == "missing":
-        return e.path[:-1], f"missing required field `{e.path[-1]}`"
+        name = str(e.path[-1])
+        around = _at(data, e.path[:-1])
+        typo = (
+            difflib.get_close_matches(name, list(around), n=1) if isinstance(around, dict) else []
+        )
+        hint = f" (`{typo[0]}` is not a field: did you mean `{name}`?)" if typo else ""
+        return e.path[:-1], f"missing required field `{name}`{hint}"
     if kind == "extra_forbidden":
         known = _fields_at(model, tuple(err["loc"][:-1])) if model else []
         hint = _did_you_mean(str(e.path[-1]), known, "`")
@@ -283,6 +295,17 @@ _PLAIN = {
 }
 
 
+def _misspelt(e: _Error, errors: list[_Error]) -> bool:
+    """A missing field whose misspelling is given beside it (and refused as unknown)."""
+    if e.error["type"] != "missing":
+        return False
+    unknown = [
+        str(x.path[-1]) for x in errors
+        if x.error["type"] == "extra_forbidden" and x.path[:-1] == e.path[:-1]
+    ]  # fmt: skip
+    return bool(difflib.get_close_matches(str(e.path[-1]), unknown, n=1))
+
+
 def explain(
     err: ValidationError | Sequence[Mapping[str, Any]],
     source: ParsedText | Mapping[str, Any],
@@ -313,7 +336,9 @@ def explain(
                 continue  # said already
             out.append(_problem(parsed, e.path, _one_of(choices.pop(e.path), e.error["input"])))
             continue
-        path, message = _say(e, model)
+        if _misspelt(e, errors):
+            continue  # said by the "unknown field ... did you mean" of the misspelling
+        path, message = _say(e, model, parsed.data)
         if e.error["type"] in ("value_error", "assertion_error"):
             out.append(problem_of(message, parsed, path))
         else:  # an unknown field is pointed at where it was written

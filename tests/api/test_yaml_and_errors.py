@@ -318,3 +318,22 @@ async def test_an_audience_condition_error_is_said_plainly(api: httpx.AsyncClien
     r = await api.post("/v1/journeys/hello/launches", json={"audience": audience}, headers=ADMIN)
     message = assert_error(r, 400, "invalid_audience", "audience.all[0].op", "did you mean 'eq'?")
     assert_plain(message)
+
+
+async def test_request_validation_errors_are_said_plainly(api: httpx.AsyncClient, db):
+    r = await api.post("/v1/journeys/hello/enroll", json={"custmer": "u1"}, headers=ADMIN)
+    message = assert_error(r, 400, "invalid_request", "missing required field `customer`")
+    assert "(`custmer` is not a field: did you mean `customer`?)" in message
+    assert_plain(message)
+    r = await api.get("/v1/customers/u1/messages", params={"limit": "ten"}, headers=ADMIN)
+    message = assert_error(r, 400, "invalid_request", "query.limit", "whole number", "'ten'")
+    assert_plain(message)
+
+
+def test_a_misspelt_field_is_unknown_not_missing():
+    case = {"when": {"path": "event.x", "op": "exists"}, "next": "end"}
+    data = _defn(kind="branch", elss="end", cases=[case])
+    message = _message(data)
+    assert message == (
+        "definition: steps[0] (step 'a'): unknown field `elss` (did you mean `else`?)"
+    ), message
