@@ -147,7 +147,8 @@ def _scalar(node: ScalarNode, where: str) -> Any:
                 return float("-inf") if low.startswith("-") else float("inf")
             return float("nan") if low == ".nan" else float(value)
     except ValueError:
-        raise TextError(f"{value!r} is not a valid {tag}", _mark(node.start_mark), where) from None
+        shown = repr(value[:40] + "…" if len(value) > 40 else value)
+        raise TextError(f"{shown} is not a valid {tag}", _mark(node.start_mark), where) from None
     raise TextError(
         f"the tag {_tag(node.tag)} is not accepted; write plain text, numbers, true/false, null, "
         "lists and mappings",

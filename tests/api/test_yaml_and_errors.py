@@ -230,6 +230,11 @@ HOSTILE = {
     ),
     "two documents": ("id: x\n---\nid: y\n", "invalid_yaml", ["line 2, column 1"]),
     "not a mapping": ("- a\n- b\n", "invalid_yaml", ["must be a mapping", "a list"]),
+    "huge number": (
+        "id: x\nmax_entries: " + "9" * 5000 + "\n",
+        "invalid_yaml",
+        ["max_entries", "not a valid int"],
+    ),
     "binary": ("id: x\nname: !!binary aGk=\n", "invalid_yaml", ["!!binary", "not accepted"]),
 }
 
