@@ -38,10 +38,12 @@ from starlette.routing import compile_path, get_route_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from activities.signing import same
+from api.body import YAML_TYPES
 from api.errors import ApiError
 from api.scopes import ADMIN_KEY_SCOPES, AUDITED, WRITE_KEY_SCOPES, Rule, rule_for
 from core.logs import get_logger
 from core.settings import Settings, asyncpg_dsn
+from models.definition_text import parse_yaml
 from store import api_keys, audit
 
 log = get_logger("api.access")
@@ -346,10 +348,13 @@ async def _limited(scope: Scope, receive: Receive, limit: int) -> Receive:
 
 
 def _body_id(scope: Scope) -> str | None:
-    """The `id` of a JSON body (POST /v1/journeys, POST /v1/templates), for the audit log."""
+    """The `id` of a JSON or YAML body (POST /v1/journeys, POST /v1/templates: `api.body`),
+    for the audit log."""
+    raw = scope.get("journeys.body") or b"null"
+    kind = dict(scope["headers"]).get(b"content-type", b"").split(b";")[0].strip().lower()
     try:
-        body = json.loads(scope.get("journeys.body") or b"null")
-    except (ValueError, UnicodeDecodeError):
+        body = parse_yaml(raw).data if kind.decode("latin-1") in YAML_TYPES else json.loads(raw)
+    except (ValueError, UnicodeDecodeError):  # TextError is a ValueError
         return None
     value = body.get("id") if isinstance(body, dict) else None
     return value if isinstance(value, str) and value else None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -10,6 +12,7 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
 from core.logs import get_logger
+from models.definition_errors import explain
 
 log = get_logger("api")
 
@@ -41,6 +44,24 @@ def _allowed_methods(app: FastAPI, request: Request) -> list[str]:
     ]
 
 
+def request_problems(err: RequestValidationError) -> str:
+    """FastAPI's validation errors said as every definition error is
+    (`models.definition_errors`): the field, one message per mistake, no pydantic internals."""
+    errors = [dict(e) for e in err.errors()]
+    body = [{**e, "loc": tuple(e["loc"][1:])} for e in errors if e["loc"][:1] == ("body",)]
+    rest = [e for e in errors if e["loc"][:1] != ("body",)]
+    problems = explain(body, err.body if isinstance(err.body, dict | list) else {})
+    for e in rest:  # path, query, header: a mapping of what was given, for the walk
+        given: dict[str, Any] = {}
+        node = given
+        for part in e["loc"][:-1]:
+            node = node.setdefault(part, {})
+        if e["type"] != "missing":
+            node[e["loc"][-1]] = e.get("input")
+        problems += explain([e], given)
+    return "; ".join(str(p) for p in problems)
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api(_: Request, err: ApiError) -> JSONResponse:
@@ -48,10 +69,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, err: RequestValidationError) -> JSONResponse:
-        parts = [
-            f"{'.'.join(str(x) for x in e['loc'] if x != 'body')}: {e['msg']}" for e in err.errors()
-        ]
-        return _body(400, "invalid_request", "; ".join(parts))
+        return _body(400, "invalid_request", request_problems(err))
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, err: HTTPException) -> JSONResponse:

@@ -22,9 +22,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+
+import asyncpg
 
 from core.embedded import find_binary, port_in_use, start_postgres, start_temporal
 from core.logs import configure_logging, get_logger
@@ -58,11 +60,33 @@ def _lock(data: Path) -> int:
     return fd
 
 
-async def _prepare(db_url: str, address: str, namespace: str) -> dict[str, int]:
+async def publish_journeys(pool: asyncpg.Pool, folder: Path) -> dict[str, int]:
+    """Publish the journeys of `folder`; a file that does not parse or validate is logged, one
+    line per file (`devstack.journey_invalid file=journeys/x.yaml line=3 column=5 error=...`),
+    and the stack starts with the others. Returns the versions published."""
+    result = await publish_folder(pool, folder, source_root=folder.parent)
+    for path, err in result.invalid.items():
+        first = err.problems[0]
+        log.error(
+            "devstack.journey_invalid",
+            file=str(path.relative_to(folder.parent)),
+            line=first.position.line if first.position else None,
+            column=first.position.column if first.position else None,
+            # The first problem's place is in line/column; the others say their own.
+            error="; ".join(
+                str(replace(p, position=None) if i == 0 else p) for i, p in enumerate(err.problems)
+            ),
+        )
+    return result.versions
+
+
+async def _prepare(
+    db_url: str, address: str, namespace: str, journeys: Path = ROOT / "journeys"
+) -> dict[str, int]:
     await migrate(db_url)
     pool = await create_pool(db_url)
     try:
-        published = await publish_folder(pool, ROOT / "journeys")
+        published = await publish_journeys(pool, journeys)
     finally:
         await pool.close()
     await connect(address, namespace)  # fails early if Temporal is unreachable

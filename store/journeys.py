@@ -4,76 +4,82 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import asyncpg
-import yaml
 from pydantic import ValidationError
 
+<<<<<<< HEAD
 from models.journey import STEP_KINDS, JourneyDefinition, SendStep, Template
 from models.loading import RUNTIME
+=======
+from models.definition_errors import Problem, explain, problem_of
+from models.definition_text import ParsedText, TextError, as_mapping, parse_yaml
+from models.journey import JourneyDefinition, SendStep, Template
+>>>>>>> fix-yaml
 from models.validation import check
 from store.templates import CHANNELS, InvalidTemplate, check_content, get_template, get_version
 
 
 class DefinitionError(ValueError):
-    """A definition file that does not parse or validate; the message names file, step, field."""
+    """A definition that does not parse or validate. `problems` name the field, the step and,
+    for text, the line and column (`models.definition_errors`); the message says them all,
+    after `source` (a file name, or "definition")."""
+
+    def __init__(self, source: str, problems: list[Problem]) -> None:
+        super().__init__(f"{source}: " + "; ".join(str(p) for p in problems))
+        self.source = source
+        self.problems = problems
 
 
-_TAGS = {"Compare", "AllOf", "AnyOf", "Not", *STEP_KINDS}
-
-
-def _where(defn: dict[str, Any], loc: tuple[Any, ...]) -> str:
-    """pydantic's error location, said the way a journey author reads it: step 'x': field."""
-    if len(loc) >= 2 and loc[0] == "steps" and isinstance(loc[1], int):
-        steps = defn.get("steps") or []
-        raw = steps[loc[1]] if loc[1] < len(steps) else None
-        sid = raw.get("id") if isinstance(raw, dict) else None
-        head = f"step {sid!r}" if sid else f"steps[{loc[1]}]"
-        rest = loc[2:]
-    else:
-        head, rest = "", loc
-    path = ".".join(str(k) for k in rest if k not in _TAGS)
-    return f"{head}: {path}" if head and path else head or path or "definition"
-
-
-def _message(err: dict[str, Any]) -> str:
-    value = err.get("input")
-    shown = f" (got {value!r})" if isinstance(value, str | int | float) else ""
-    return f"{err['msg']}{shown}"
-
-
-def parse_definition(data: dict[str, Any], source: str = "definition") -> JourneyDefinition:
+def parse_definition(
+    data: Mapping[str, Any] | ParsedText, source: str = "definition"
+) -> JourneyDefinition:
     """Schema validation plus the publish-time checks of `models.validation` (graph, results
-    references, templates). Workflows decode definitions without re-running the latter."""
+    references, templates). Workflows decode definitions without re-running the latter.
+    `data` parsed from text (`models.definition_text`) gives errors their line and column."""
+    parsed = data if isinstance(data, ParsedText) else ParsedText(data, {})
     try:
-        defn = JourneyDefinition.model_validate(data)
+        defn = JourneyDefinition.model_validate(parsed.data)
     except ValidationError as err:
-        msgs = [f"{_where(data, tuple(e['loc']))}: {_message(e)}" for e in err.errors()]
-        raise DefinitionError(f"{source}: " + "; ".join(msgs)) from None
+        raise DefinitionError(source, explain(err, parsed, JourneyDefinition)) from None
     try:
         check(defn)
     except ValueError as err:
-        raise DefinitionError(f"{source}: {err}") from None
+        raise DefinitionError(source, [problem_of(str(err), parsed)]) from None
     return defn
 
 
-def load_file(path: Path) -> JourneyDefinition:
+def read_yaml(text: str | bytes, source: str = "definition") -> ParsedText:
+    """YAML (or JSON) text of a definition, parsed safely (`models.definition_text`).
+
+    Raises:
+        DefinitionError: the text does not parse or is not a mapping, with line and column.
+    """
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        line = f" line {mark.line + 1}" if mark else ""
-        raise DefinitionError(f"{path}{line}: {getattr(err, 'problem', err)}") from None
-    if not isinstance(data, dict):
-        raise DefinitionError(f"{path}: a journey definition must be a mapping")
-    return parse_definition(data, str(path))
+        parsed = parse_yaml(text)
+        as_mapping(parsed, "a journey definition")
+    except TextError as err:
+        raise DefinitionError(
+            source, [Problem(err.field, err.message, position=err.position)]
+        ) from None
+    return parsed
+
+
+def load_file(path: Path) -> JourneyDefinition:
+    """A definition file (`journeys/*.yaml`); errors name the file, line and column."""
+    return parse_definition(read_yaml(path.read_bytes(), str(path)), str(path))
 
 
 async def resolve_templates(
-    conn: asyncpg.Connection | asyncpg.Pool, defn: JourneyDefinition, source: str = "definition"
+    conn: asyncpg.Connection | asyncpg.Pool,
+    defn: JourneyDefinition,
+    source: str = "definition",
+    *,
+    text: ParsedText | None = None,
 ) -> JourneyDefinition:
     """The definition with every stored template a send step refers to (`template.ref`) pinned
     to a version: the one given, else the template's current one. Runs render exactly that
@@ -81,7 +87,8 @@ async def resolve_templates(
 
     Raises:
         DefinitionError: naming the step: the template or version does not exist, it is for
-            a channel the step does not send on, or its content does not pass the checks.
+            a channel the step does not send on, or its content does not pass the checks
+            (with line and column when `text` is what `defn` was parsed from).
     """
     errors: list[str] = []
     steps = []
@@ -128,7 +135,8 @@ async def resolve_templates(
             update["variants"] = variants
         steps.append(step.model_copy(update=update) if update else step)
     if errors:
-        raise DefinitionError(f"{source}: " + "; ".join(errors))
+        written = text or ParsedText(defn.model_dump(mode="json", by_alias=True), {})
+        raise DefinitionError(source, [problem_of(e, written) for e in errors])
     return defn.model_copy(update={"steps": steps})
 
 
@@ -137,7 +145,13 @@ def _checksum(defn: JourneyDefinition) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-async def publish(conn: asyncpg.Connection | asyncpg.Pool, defn: JourneyDefinition) -> int:
+async def publish(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    defn: JourneyDefinition,
+    *,
+    text: ParsedText | None = None,
+    source: str = "definition",
+) -> int:
     """Publish as a new immutable version; publishing an unchanged definition is a no-op.
     Stored templates are pinned first (`resolve_templates`), so republishing after a template
     changed is a new version that pins the template's new version.
@@ -147,7 +161,7 @@ async def publish(conn: asyncpg.Connection | asyncpg.Pool, defn: JourneyDefiniti
     """
     async with _acquire(conn) as c, c.transaction():
         await c.execute("SELECT pg_advisory_xact_lock(hashtext($1))", defn.id)
-        defn = await resolve_templates(c, defn)
+        defn = await resolve_templates(c, defn, source, text=text)
         checksum = _checksum(defn)
         row = await c.fetchrow(
             "SELECT v.version, v.checksum FROM journeys j JOIN journey_versions v "
@@ -241,11 +255,30 @@ async def active_definitions(conn: asyncpg.Connection | asyncpg.Pool) -> list[Jo
     return [JourneyDefinition.model_validate(r["definition"], context=RUNTIME) for r in rows]
 
 
-async def publish_folder(conn: asyncpg.Connection | asyncpg.Pool, folder: Path) -> dict[str, int]:
-    out: dict[str, int] = {}
+@dataclass
+class FolderPublished:
+    """What `publish_folder` did: the version of each journey published, and each file that
+    was not, with its problems."""
+
+    versions: dict[str, int]
+    invalid: dict[Path, DefinitionError]
+
+
+async def publish_folder(
+    conn: asyncpg.Connection | asyncpg.Pool, folder: Path, *, source_root: Path | None = None
+) -> FolderPublished:
+    """Publish every `*.yaml` of `folder`; a file that does not parse or validate is set
+    aside (in `invalid`) and the others are published all the same. Files are named relative
+    to `source_root` when given (`journeys/x.yaml`)."""
+    out = FolderPublished({}, {})
     for path in sorted(folder.glob("*.yaml")):
-        defn = load_file(path)
-        out[defn.id] = await publish(conn, defn)
+        name = str(path.relative_to(source_root)) if source_root else str(path)
+        try:
+            parsed = read_yaml(path.read_bytes(), name)
+            defn = parse_definition(parsed, name)
+            out.versions[defn.id] = await publish(conn, defn, text=parsed, source=name)
+        except DefinitionError as err:
+            out.invalid[path] = err
     return out
 
 

@@ -6,7 +6,7 @@ import asyncio
 from datetime import UTC, datetime
 from typing import Any
 
-from fastapi import APIRouter, Body, Response
+from fastapi import APIRouter, Request, Response
 from temporalio.client import WorkflowUpdateFailedError, WorkflowUpdateStage
 from temporalio.service import RPCError
 
@@ -18,8 +18,10 @@ from activities.enrollment import (
     run_key_of,
     start_run,
 )
+from api.body import openapi_body, read_text
 from api.deps import AdminDep, PoolDep, SettingsDep, TemporalDep
 from api.errors import ApiError
+from models.definition_text import ParsedText, located
 from models.journey import JourneyDefinition
 from models.loading import RUNTIME
 from models.public import (
@@ -146,26 +148,44 @@ async def enroll_customer(
     )
 
 
-async def _report(pool: PoolDep, data: dict[str, Any]) -> ValidationReport:
+async def _report(pool: PoolDep, text: ParsedText) -> ValidationReport:
     try:
-        await resolve_templates(pool, parse_definition(data))
+        await resolve_templates(pool, parse_definition(text), text=text)
     except DefinitionError as err:
-        return ValidationReport(
-            valid=False, errors=str(err).removeprefix("definition: ").split("; ")
-        )
+        return ValidationReport(valid=False, errors=[str(p) for p in err.problems])
     return ValidationReport(valid=True, errors=[])
 
 
-@router.put("/{journey_id}/draft", response_model=ValidationReport)
-async def save_journey_draft(
-    journey_id: str, pool: PoolDep, definition: dict[str, Any] = Body(...)
-) -> ValidationReport:
+_DEFINITION = "a journey definition (GET /v1/journeys/schema), as JSON or YAML"
+_DEFINITION_SCHEMA = {"type": "object", "description": _DEFINITION}
+
+
+async def _definition(request: Request, journey_id: str) -> ParsedText | None:
+    """The body's definition with `id` set from the path (it may be left out, not differ)."""
+    text = await read_text(request, "a journey definition", required=False)
+    if text is None:
+        return None
+    given = text.data.get("id", journey_id)
+    if given != journey_id:
+        where = text.position(("id",))
+        raise ApiError(
+            400, "invalid_definition", located("id", f"{given!r} is not {journey_id!r}", where)
+        )
+    return text.with_data({**text.data, "id": journey_id})
+
+
+@router.put(
+    "/{journey_id}/draft",
+    response_model=ValidationReport,
+    openapi_extra=openapi_body(_DEFINITION_SCHEMA, _DEFINITION),
+)
+async def save_journey_draft(journey_id: str, pool: PoolDep, request: Request) -> ValidationReport:
     """Create or update the draft (kept even when invalid; the report says what to fix)."""
-    if definition.get("id", journey_id) != journey_id:
-        raise ApiError(400, "invalid_definition", f"id: {definition['id']!r} is not {journey_id!r}")
-    data = {**definition, "id": journey_id}
-    await save_draft(pool, journey_id, data)
-    return await _report(pool, data)
+    text = await _definition(request, journey_id)
+    if text is None:
+        raise ApiError(400, "invalid_request", "body: a journey definition is required")
+    await save_draft(pool, journey_id, text.data)
+    return await _report(pool, text)
 
 
 @router.get("/{journey_id}/draft")
@@ -176,17 +196,22 @@ async def get_journey_draft(journey_id: str, pool: PoolDep) -> dict[str, Any]:
     return draft
 
 
-@router.post("/{journey_id}/validate", response_model=ValidationReport)
-async def validate_journey(
-    journey_id: str, pool: PoolDep, definition: dict[str, Any] | None = Body(None)
-) -> ValidationReport:
+@router.post(
+    "/{journey_id}/validate",
+    response_model=ValidationReport,
+    openapi_extra=openapi_body(
+        _DEFINITION_SCHEMA, f"{_DEFINITION}; none: the draft", required=False
+    ),
+)
+async def validate_journey(journey_id: str, pool: PoolDep, request: Request) -> ValidationReport:
     """Dry run: validate the given definition, or the draft; nothing is stored."""
-    data = definition
-    if data is None:
+    text = await _definition(request, journey_id)
+    if text is None:
         data = await pool.fetchval("SELECT draft FROM journeys WHERE id = $1", journey_id)
         if data is None:
             raise ApiError(404, "not_found", f"journey {journey_id!r} has no draft")
-    return await _report(pool, {**data, "id": journey_id})
+        text = ParsedText({**data, "id": journey_id})
+    return await _report(pool, text)
 
 
 @router.post("/{journey_id}/publish", response_model=JourneyPublic)
@@ -376,12 +401,17 @@ async def migrate_runs(
     )
 
 
-@router.post("", response_model=JourneyPublic)
-async def publish_journey(pool: PoolDep, definition: dict[str, Any] = Body(...)) -> JourneyPublic:
-    """Validate and publish a definition as a new immutable version (unchanged: same version)."""
+@router.post(
+    "", response_model=JourneyPublic, openapi_extra=openapi_body(_DEFINITION_SCHEMA, _DEFINITION)
+)
+async def publish_journey(pool: PoolDep, request: Request) -> JourneyPublic:
+    """Validate and publish a definition as a new immutable version (unchanged: same version).
+    JSON or YAML; every error names the field, the step, and the line and column."""
+    text = await read_text(request, "a journey definition")
+    assert text is not None  # required
     try:
-        defn = parse_definition(definition)
-        await publish(pool, defn)
+        defn = parse_definition(text)
+        await publish(pool, defn, text=text)
     except DefinitionError as err:
         raise ApiError(400, "invalid_definition", str(err)) from None
     return await get_journey(defn.id, pool)

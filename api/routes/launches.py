@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Any
 
 from fastapi import APIRouter, Response
-from pydantic import BaseModel, Field, TypeAdapter, model_validator
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError, model_validator
 from temporalio.client import (
     Schedule,
     ScheduleActionStartWorkflow,
@@ -22,6 +22,7 @@ from api.deps import AdminDep, PoolDep, SettingsDep, TemporalDep
 from api.errors import ApiError
 from models.audience import AudienceError, compile_audience
 from models.conditions import Condition
+from models.definition_errors import explain
 from models.runtime import LaunchInput, LaunchProgress
 from store.journeys import active_definitions
 
@@ -74,6 +75,9 @@ async def _check(pool: PoolDep, journey_id: str, audience: dict[str, Any] | None
         raise ApiError(404, "not_found", f"no active journey {journey_id!r}")
     try:
         compile_audience(_CONDITION.validate_python(audience) if audience else None)
+    except ValidationError as err:  # said as definition errors are, under `audience`
+        problems = explain(err, {"audience": audience}, prefix=("audience",))
+        raise ApiError(400, "invalid_audience", "; ".join(map(str, problems))) from None
     except (AudienceError, ValueError) as err:
         raise ApiError(400, "invalid_audience", f"audience: {err}") from None
 

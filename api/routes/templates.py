@@ -13,14 +13,21 @@ from dataclasses import asdict
 from typing import Any
 
 import asyncpg
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
 from activities.channels import PermanentDeliveryError, RenderedMessage
 from activities.journey_activities import template_context
+<<<<<<< HEAD
 from activities.rendering import TemplateError, off_loop, render
+=======
+from activities.rendering import TemplateError, render
+from api.body import openapi_body, read_text, validated
+>>>>>>> fix-yaml
 from api.deps import AdminDep, ChannelsDep, PoolDep
 from api.errors import ApiError
 from core.logs import get_logger
+from models.definition_errors import problem_of
+from models.definition_text import ParsedText
 from models.public import (
     Int32,
     RenderedTemplate,
@@ -100,10 +107,23 @@ def _render(content: TemplateContent, ctx: dict[str, Any]) -> dict[str, str | No
     return out
 
 
-@router.post("", response_model=TemplateDetail, status_code=201)
-async def create_template(body: TemplateCreate, pool: PoolDep) -> TemplateDetail:
+def _invalid(err: InvalidTemplate, text: ParsedText) -> ApiError:
+    """422 naming the field (`body: template error: ...`), with its line and column."""
+    return ApiError(422, "invalid_template", str(problem_of(str(err), text)))
+
+
+@router.post(
+    "",
+    response_model=TemplateDetail,
+    status_code=201,
+    openapi_extra=openapi_body(TemplateCreate.model_json_schema(), "a template, JSON or YAML"),
+)
+async def create_template(request: Request, pool: PoolDep) -> TemplateDetail:
     """A new template and its version 1. The content must parse and read only `profile`,
-    `customer`, `event` and `journey` (422 naming the field otherwise)."""
+    `customer`, `event` and `journey` (422 naming the field otherwise). JSON or YAML."""
+    text = await read_text(request, "a template")
+    assert text is not None  # required
+    body = validated(text, TemplateCreate)
     async with pool.acquire() as conn:
         try:
             await store.create_template(
@@ -116,16 +136,24 @@ async def create_template(body: TemplateCreate, pool: PoolDep) -> TemplateDetail
                 name=body.name,
             )
         except InvalidTemplate as err:
-            raise ApiError(422, "invalid_template", str(err)) from None
+            raise _invalid(err, text) from None
         except TemplateExists as err:
             raise ApiError(409, "already_exists", str(err)) from None
     return await _detail(pool, body.id)
 
 
-@router.put("/{template_id}", response_model=TemplateDetail)
-async def update_template(template_id: str, body: TemplateUpdate, pool: PoolDep) -> TemplateDetail:
+@router.put(
+    "/{template_id}",
+    response_model=TemplateDetail,
+    openapi_extra=openapi_body(TemplateUpdate.model_json_schema(), "the content, JSON or YAML"),
+)
+async def update_template(template_id: str, request: Request, pool: PoolDep) -> TemplateDetail:
     """The content as a new immutable version, now current (unchanged content: same version).
-    Published journeys keep the version they pinned; publish them again to pick this one up."""
+    Published journeys keep the version they pinned; publish them again to pick this one up.
+    JSON or YAML."""
+    text = await read_text(request, "a template")
+    assert text is not None  # required
+    body = validated(text, TemplateUpdate)
     async with pool.acquire() as conn:
         try:
             await store.add_version(
@@ -137,7 +165,7 @@ async def update_template(template_id: str, body: TemplateUpdate, pool: PoolDep)
                 name=body.name,
             )
         except InvalidTemplate as err:
-            raise ApiError(422, "invalid_template", str(err)) from None
+            raise _invalid(err, text) from None
         except TemplateNotFound as err:
             raise ApiError(404, "not_found", str(err)) from None
     return await _detail(pool, template_id)

@@ -52,7 +52,7 @@ CASES = {
                 "cases": [{"when": {"path": "event.event", "op": "exists"}, "next": "end"}],
             }
         ),
-        ["step 'b'", "else", "Field required"],
+        ["step 'b'", "missing required field `else`"],
     ),
     "unreachable step": (
         _defn(_send("a", next="end"), _send("orphan")),
