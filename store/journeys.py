@@ -12,14 +12,10 @@ from typing import Any
 import asyncpg
 from pydantic import ValidationError
 
-<<<<<<< HEAD
-from models.journey import STEP_KINDS, JourneyDefinition, SendStep, Template
-from models.loading import RUNTIME
-=======
 from models.definition_errors import Problem, explain, problem_of
 from models.definition_text import ParsedText, TextError, as_mapping, parse_yaml
 from models.journey import JourneyDefinition, SendStep, Template
->>>>>>> fix-yaml
+from models.loading import RUNTIME
 from models.validation import check
 from store.templates import CHANNELS, InvalidTemplate, check_content, get_template, get_version
 

@@ -17,12 +17,8 @@ from fastapi import APIRouter, Request
 
 from activities.channels import PermanentDeliveryError, RenderedMessage
 from activities.journey_activities import template_context
-<<<<<<< HEAD
 from activities.rendering import TemplateError, off_loop, render
-=======
-from activities.rendering import TemplateError, render
 from api.body import openapi_body, read_text, validated
->>>>>>> fix-yaml
 from api.deps import AdminDep, ChannelsDep, PoolDep
 from api.errors import ApiError
 from core.logs import get_logger
