@@ -150,7 +150,10 @@ def test_a_journey_with_a_constant_blow_up_is_refused_at_publish() -> None:
     from store.journeys import DefinitionError, parse_definition
 
     steps = [{"id": "boom", "kind": "send", "template": {"body": "{{ (7**23059204) % 10 }}"}}]
-    refused = r"steps\[0\].template.body \(step 'boom'\): template error: line 1: 7 \*\* 23059204 is too large"
+    refused = (
+        r"steps\[0\].template.body \(step 'boom'\): "
+        r"template error: line 1: 7 \*\* 23059204 is too large"
+    )
     with pytest.raises(DefinitionError, match=refused):
         parse_definition({"id": "j", "name": "j", "entry": {"event": "E"}, "steps": steps})
 
