@@ -4,8 +4,11 @@
     {"all": [{"path": "profile.traits.plan", "op": "eq", "value": "pro"},
              {"not": {"path": "profile.stats.events.Order Completed", "op": "exists"}}]}
 
-Paths start at a root: `event` (the event being matched), `entry` (the event that started the
-run), `profile` (`traits`, `stats`), `results` (earlier step results). Missing values are null;
+Paths start at a root: `event` (the event being matched; in a branch, the entry event),
+`entry` (the event that started the run), `trigger` (the latest event that moved the run: the
+entry event, then the event each `wait_for` matched), `profile` (`traits`, `stats`; in a branch),
+`results` (earlier step results). What each root holds, and where, is declared in
+`models.context` and checked at publish (`models.validation`). Missing values are null;
 comparing values of different types is false, never an error.
 """
 
@@ -29,13 +32,13 @@ Op = Literal[
     "eq", "ne", "gt", "gte", "lt", "lte", "in", "not_in", "contains", "starts_with",
     "exists", "not_exists",
 ]  # fmt: skip
-ROOTS = ("event", "entry", "profile", "results")
+ROOTS = ("event", "entry", "trigger", "profile", "results")
 
 
 class Compare(DefinitionModel):
     """Checked at publish; a run evaluates what was published (models.loading)."""
 
-    path: str = Field(description="dotted path from a root: event, entry, profile, results")
+    path: str = Field(description="dotted path from a root: event, entry, trigger, profile, results")
     op: Op
     value: Any = None
     value_from: str | None = Field(
