@@ -97,13 +97,19 @@ def template_context(
     entry: dict[str, Any] | None,
     journey_id: str,
     version: int | None = None,
+    *,
+    trigger: dict[str, Any] | None = None,
+    results: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """What every template sees (see models.validation.TEMPLATE_VARIABLES)."""
+    """What every template sees, as models.context declares it (and publish checks): `event`
+    is the entry event, `trigger` the event the last wait_for matched (else the entry)."""
     return {
         "profile": profile.traits,
         "customer": profile.as_context(),
         "event": entry or {},
+        "trigger": trigger or entry or {},
         "journey": {"id": journey_id, "version": version},
+        "results": results or {},
     }
 
 
@@ -181,7 +187,14 @@ class JourneyActivities:
         profile = await self._profile(req.customer_id, stats=False)
         customer_id = profile.customer_id  # the survivor, if the customer was merged meanwhile
         contents = await self._contents(req)
-        ctx = template_context(profile, req.entry, req.journey_id, req.journey_version)
+        ctx = template_context(
+            profile,
+            req.entry,
+            req.journey_id,
+            req.journey_version,
+            trigger=req.trigger,
+            results=req.results,
+        )
         async with self.pool.acquire() as conn, conn.transaction():
             await self.policy.lock(conn, customer_id)
             row = await conn.fetchrow(_SELECT_MESSAGE, req.idempotency_key)
@@ -557,14 +570,28 @@ class JourneyActivities:
     @activity.defn(name="call_webhook")
     async def call_webhook(self, req: WebhookRequest) -> WebhookResult:
         profile = await self._profile(req.customer_id, stats=False)
-        ctx = template_context(profile, req.entry, req.journey_id)
+        ctx = template_context(
+            profile,
+            req.entry,
+            req.journey_id,
+            req.journey_version,
+            trigger=req.trigger,
+            results=req.results,
+        )
         return await webhooks.call(self.http, req, ctx, self.signing_secret)
 
     @activity.defn(name="create_task")
     async def create_task(self, req: TaskRequest) -> TaskCreated:
         """One task per idempotency key; the optional notification carries the same key."""
         profile = await self._profile(req.customer_id, stats=False)
-        ctx = template_context(profile, req.entry, req.journey_id)
+        ctx = template_context(
+            profile,
+            req.entry,
+            req.journey_id,
+            req.journey_version,
+            trigger=req.trigger,
+            results=req.results,
+        )
         try:
             title = render(req.title, ctx)
             details = webhooks.render_payload(req.details, ctx)

@@ -38,7 +38,9 @@ ROOTS = ("event", "entry", "trigger", "profile", "results")
 class Compare(DefinitionModel):
     """Checked at publish; a run evaluates what was published (models.loading)."""
 
-    path: str = Field(description="dotted path from a root: event, entry, trigger, profile, results")
+    path: str = Field(
+        description="dotted path from a root: event, entry, trigger, profile, results"
+    )
     op: Op
     value: Any = None
     value_from: str | None = Field(

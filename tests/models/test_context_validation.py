@@ -11,7 +11,10 @@ import pytest
 from models.validation import check_template_sources, warnings
 from store.journeys import DefinitionError, parse_definition
 
-SURVEY_ENTRY = {"event": "Survey Sent", "conditions": {"path": "event.properties.survey", "op": "exists"}}  # fmt: skip
+SURVEY_ENTRY = {
+    "event": "Survey Sent",
+    "conditions": {"path": "event.properties.survey", "op": "exists"},
+}
 
 
 def _defn(*steps: dict[str, Any], **extra: Any) -> dict[str, Any]:
@@ -135,7 +138,7 @@ def test_a_condition_reading_an_unknown_field_is_refused_with_did_you_mean(path:
         assert fragment in message, message
 
 
-@pytest.mark.parametrize("expr", ALLOWED_IN_BOTH + ["profile.first_name", "profile.a.b.c"])
+@pytest.mark.parametrize("expr", [*ALLOWED_IN_BOTH, "profile.first_name", "profile.a.b.c"])
 def test_known_fields_and_free_form_data_pass_in_templates(expr: str) -> None:
     parse_definition(_template_journey(expr))
 
