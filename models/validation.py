@@ -178,9 +178,9 @@ def _walk(shape: Shape, label: str, parts: list[str], *, template: bool) -> None
             if template and part in _DICT_METHODS:
                 return
             hint = _suggest(label, part, shape)
-            did = f"did you mean {hint}? " if hint else ""
+            did = f", did you mean {hint}?" if hint else ""
             raise ValueError(
-                f"{label}.{part}: no such field; {did}({label} has {', '.join(shape.fields)})"
+                f"{label}.{part}: no such field{did} ({label} has {', '.join(shape.fields)})"
             )
         shape, label = shape.fields[part], f"{label}.{part}"
 
@@ -189,7 +189,7 @@ def check_path(parts: list[str], scope: Scope, *, template: bool = False) -> Non
     """A path (`["customer", "id"]`) exists where `scope` reads it.
 
     Raises:
-        ValueError: `customer.id: no such field; did you mean customer.customer_id? (...)`.
+        ValueError: `customer.id: no such field, did you mean customer.customer_id? (...)`.
     """
     root, rest = parts[0], parts[1:]
     if root == "results" and scope.results is not None:

@@ -224,7 +224,7 @@ def test_correlate_and_until_paths_are_checked() -> None:
     parse_definition(correlate)
 
     until = _defn({"id": "w", "kind": "wait", "until": "profile.renewal"})
-    assert "until: profile.renewal: no such field; did you mean profile.traits.renewal?" in (
+    assert "until: profile.renewal: no such field, did you mean profile.traits.renewal?" in (
         _refused(until)
     )
     until["steps"][0]["until"] = "entry.properties.start_time"
@@ -274,7 +274,7 @@ def test_template_constructs_that_are_not_context_reads_pass() -> None:
 
 def test_a_stored_template_may_read_trigger_but_not_results() -> None:
     check_template_sources([("body", "{{ trigger.properties.score }} {{ customer.customer_id }}")])
-    with pytest.raises(ValueError, match=r"^body: customer.id: no such field; did you mean"):
+    with pytest.raises(ValueError, match=r"^body: customer.id: no such field, did you mean"):
         check_template_sources([("body", "{{ customer.id }}")])
     with pytest.raises(ValueError, match=r"^body: unknown template variable 'results'"):
         check_template_sources([("body", "{{ results.ask.outcome }}")])
