@@ -8,6 +8,7 @@ from typing import Any
 from models.context import EVENT, result_shape
 from models.runtime import RunSummary
 from tests.harness import engine, track
+from tests.receiver import Receiver
 from workflows.journey import JourneyWorkflow
 
 
@@ -87,3 +88,39 @@ async def test_branches_and_templates_read_the_answer_not_the_entry(db, ts_env):
         result = await eng.result(detractor)
         assert result.steps == ["ask", "route", "detractor"]
         assert [m["body"] for m in await eng.messages("d")] == ["Sorry about the 3"]
+
+
+def _after_answer(url: str) -> dict[str, Any]:
+    return {
+        "id": "survey_hook", "name": "Survey hook",
+        "entry": {"event": "Survey Sent"},
+        "steps": [
+            {"id": "ask", "kind": "wait_for", "timeout": "3d", "on_timeout": "end", "events": [
+                {"event": "Survey Answered"}]},
+            {"id": "crm", "kind": "webhook", "url": url, "payload": {
+                "score": "{{ trigger.properties.score }}",
+                "answered": "{{ results.ask.event.event }} {{ results.ask.outcome }}",
+                "journey": "{{ journey.id }} v{{ journey.version }}"}},
+            {"id": "agent", "kind": "handoff", "queue": "nps",
+             "title": "Call about {{ trigger.properties.score }} ({{ results.crm.status }})",
+             "details": {"entry": "{{ event.event }}"}},
+        ],
+    }  # fmt: skip
+
+
+async def test_webhook_and_handoff_templates_read_trigger_and_results(db, ts_env, receiver):
+    async with engine(db, ts_env) as eng:
+        version = await eng.publish(_after_answer(f"{receiver}/ok"))
+        await eng.send(track("h", "Survey Sent"))
+        handle = await eng.run("survey_hook", "h")
+        await eng.send(track("h", "Survey Answered", score=4))
+        result = await eng.result(handle)
+        assert result.steps == ["ask", "crm", "agent"]
+        (call,) = Receiver.calls
+        assert call["body"] == {
+            "score": "4",
+            "answered": "Survey Answered events[0]",
+            "journey": f"survey_hook v{version}",
+        }
+        task = await db.fetchrow("SELECT title, details FROM tasks")
+        assert (task["title"], task["details"]) == ("Call about 4 (200)", {"entry": "Survey Sent"})
