@@ -14,6 +14,7 @@ comparing values of different types is false, never an error.
 
 from __future__ import annotations
 
+import difflib
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -33,6 +34,25 @@ Op = Literal[
     "exists", "not_exists",
 ]  # fmt: skip
 ROOTS = ("event", "entry", "trigger", "profile", "results")
+
+
+# Roots people reach for, and where that data is in a condition.
+_ROOT_HINTS = {
+    "customer": "profile",
+    "traits": "profile.traits",
+    "properties": "event.properties",
+    "stats": "profile.stats",
+    "result": "results",
+}
+
+
+def _hint(path: str) -> str:
+    """` (did you mean profile.traits.plan?)` for a path with an unknown root."""
+    root, _, rest = path.partition(".")
+    fix = _ROOT_HINTS.get(root) or next(iter(difflib.get_close_matches(root, ROOTS, 1)), None)
+    if fix is None:
+        return ""
+    return f" (did you mean {'.'.join(x for x in (fix, rest) if x)}?)"
 
 
 class Compare(DefinitionModel):
@@ -55,7 +75,7 @@ class Compare(DefinitionModel):
         if at_runtime(info):
             return v
         if v.split(".", 1)[0] not in ROOTS:
-            raise ValueError(f"path {v!r} must start with one of {', '.join(ROOTS)}")
+            raise ValueError(f"path {v!r} must start with one of {', '.join(ROOTS)}{_hint(v)}")
         return v
 
     @model_validator(mode="after")
@@ -66,7 +86,10 @@ class Compare(DefinitionModel):
             if self.value is not None:
                 raise ValueError("give value or value_from, not both")
             if self.value_from.split(".", 1)[0] not in ROOTS:
-                raise ValueError(f"value_from {self.value_from!r} must start with a root")
+                raise ValueError(
+                    f"value_from {self.value_from!r} must start with one of "
+                    f"{', '.join(ROOTS)}{_hint(self.value_from)}"
+                )
             return self
         v = self.value
         if self.op in ("gt", "gte", "lt", "lte") and (

@@ -143,6 +143,26 @@ class Scope:
         return [*self.roots, *(["results"] if self.results is not None else [])]
 
 
+# Names people reach for that the context spells differently.
+_ROOT_ALIASES = {
+    "user": "customer",
+    "traits": "profile",
+    "properties": "event.properties",
+    "answer": "trigger",
+    "result": "results",
+}
+
+
+def root_hint(name: str, available: Iterable[str]) -> str:
+    """`, did you mean trigger?` for a name that is not available (empty: no good guess)."""
+    names = list(available)
+    alias = _ROOT_ALIASES.get(name)
+    if alias is not None and alias.split(".")[0] in names:
+        return f", did you mean {alias}?"
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+    return f", did you mean {close[0]}?" if close else ""
+
+
 def _suggest(label: str, part: str, shape: Shape) -> str | None:
     """The field `part` was probably meant to be, as a full path (None: no good guess)."""
     assert shape.fields is not None
@@ -282,8 +302,9 @@ def check_template_sources(
             raise ValueError(f"{field}: template error: {err}") from None
         unknown = sorted(names - set(scope.names))
         if unknown:
+            hint = root_hint(unknown[0], scope.names)
             raise ValueError(
-                f"{field}: unknown template variable {unknown[0]!r} "
+                f"{field}: unknown template variable {unknown[0]!r}{hint} "
                 f"(available: {', '.join(sorted(scope.names))})"
             )
         for chain in template_paths(tree):

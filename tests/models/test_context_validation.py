@@ -312,3 +312,25 @@ def test_reading_the_entry_event_for_what_the_awaited_event_carries_is_a_warning
               "{{ event.properties.survey }}"),
     )  # fmt: skip
     assert warnings(parse_definition(right)) == []
+
+
+@pytest.mark.parametrize(
+    ("path", "fix"),
+    [
+        ("customer.traits.plan", "profile.traits.plan"),
+        ("traits.plan", "profile.traits.plan"),
+        ("properties.total", "event.properties.total"),
+        ("result.rfm.score", "results.rfm.score"),
+        ("triger.properties.score", "trigger.properties.score"),
+    ],
+)
+def test_an_unknown_condition_root_names_the_fix(path: str, fix: str) -> None:
+    assert f"(did you mean {fix}?)" in _refused(_condition_journey(path))
+
+
+@pytest.mark.parametrize(
+    ("name", "fix"), [("user", "customer"), ("customers", "customer"), ("answer", "trigger")]
+)
+def test_an_unknown_template_variable_names_the_fix(name: str, fix: str) -> None:
+    message = _refused(_template_journey(f"{name}.x"))
+    assert f"unknown template variable {name!r}, did you mean {fix}?" in message
