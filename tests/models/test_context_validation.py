@@ -4,12 +4,13 @@ Fast: no servers."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from models.validation import check_template_sources, warnings
-from store.journeys import DefinitionError, parse_definition
+from store.journeys import DefinitionError, load_file, parse_definition
 
 SURVEY_ENTRY = {
     "event": "Survey Sent",
@@ -334,3 +335,9 @@ def test_an_unknown_condition_root_names_the_fix(path: str, fix: str) -> None:
 def test_an_unknown_template_variable_names_the_fix(name: str, fix: str) -> None:
     message = _refused(_template_journey(f"{name}.x"))
     assert f"unknown template variable {name!r}, did you mean {fix}?" in message
+
+
+def test_the_example_journeys_have_no_warnings() -> None:
+    root = Path(__file__).resolve().parents[2] / "journeys"
+    for path in root.glob("*.yaml"):
+        assert warnings(load_file(path)) == [], path.name
