@@ -176,6 +176,9 @@ def _suggest(label: str, part: str, shape: Shape) -> str | None:
     if close:
         return f"{label}.{close[0]}"
     if shape.spill is not None:
+        inner = shape.fields[shape.spill]
+        if inner.fields is not None:  # `results.ask.score` → `results.ask.event.properties.score`
+            return _suggest(f"{label}.{shape.spill}", part, inner)
         return f"{label}.{shape.spill}.{part}"
     return None
 

@@ -61,7 +61,7 @@ REFUSED = {
     "trigger.prop.score": ["did you mean trigger.properties?"],
     "results.ask.evnt.properties.score": ["did you mean results.ask.event?"],
     "results.ask.event.name": ["did you mean results.ask.event.event?"],
-    "results.ask.score": ["did you mean results.ask.event.score?"],
+    "results.ask.score": ["did you mean results.ask.event.properties.score?"],
     "results.later.untill": ["did you mean results.later.until?"],
     "results.mail.state": ["did you mean results.mail.status?"],
     "results.ab.group": ["did you mean results.ab.arm?"],
