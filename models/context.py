@@ -29,7 +29,8 @@ class Shape:
     condition path cannot go below it; a template may call its methods). None of them:
     free-form data, any key at any depth. `aliases` map a likely wrong key to the right one
     (`id` → `customer_id`); `spill` is the free-form field an unknown key probably belongs in
-    (`event.score` → `event.properties.score`).
+    (`event.score` → `event.properties.score`); `notes` say where a likely key lives instead
+    when that is outside this value (`event.userId`: the customer is `customer.customer_id`).
     """
 
     doc: str = ""
@@ -38,6 +39,7 @@ class Shape:
     value: bool = False
     aliases: Mapping[str, str] = field(default_factory=dict)
     spill: str | None = None
+    notes: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def free(self) -> bool:
@@ -58,8 +60,12 @@ def record(
     *,
     aliases: Mapping[str, str] | None = None,
     spill: str | None = None,
+    notes: Mapping[str, str] | None = None,
 ) -> Shape:
-    return Shape(doc, fields=fields, aliases=aliases or {}, spill=spill)
+    return Shape(doc, fields=fields, aliases=aliases or {}, spill=spill, notes=notes or {})
+
+
+_WHO = "the customer is customer.customer_id in templates, profile.customer_id in a branch"
 
 
 EVENT = record(
@@ -80,6 +86,7 @@ EVENT = record(
         "context": "properties",
     },
     spill="properties",
+    notes={k: _WHO for k in ("customer_id", "userId", "user_id", "anonymousId")},
 )
 
 CUSTOMER = record(
@@ -150,7 +157,7 @@ RESULT_SHAPES: dict[str, Shape] = {
             "event": EVENT,
             "reason": value("the operator's reason, when skipped"),
         },
-        aliases={"matched": "event", "answer": "event"},
+        aliases={"matched": "event", "answer": "event", "status": "outcome", "result": "outcome"},
         spill="event",
     ),
     "send": record(

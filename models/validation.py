@@ -168,7 +168,7 @@ def _suggest(label: str, part: str, shape: Shape) -> str | None:
     assert shape.fields is not None
     if part in shape.aliases:
         return f"{label}.{shape.aliases[part]}"
-    close = difflib.get_close_matches(part, list(shape.fields), n=1, cutoff=0.6)
+    close = difflib.get_close_matches(part, list(shape.fields), n=1, cutoff=0.7)
     if not close:  # `prop` → `properties`, `id` → `customer_id`
         low = part.lower()
         close = [f for f in shape.fields if len(low) >= 3 and f.startswith(low)]
@@ -200,8 +200,11 @@ def _walk(shape: Shape, label: str, parts: list[str], *, template: bool) -> None
         if part not in shape.fields:
             if template and part in _DICT_METHODS:
                 return
-            hint = _suggest(label, part, shape)
-            did = f", did you mean {hint}?" if hint else ""
+            if part in shape.notes:
+                did = f", {shape.notes[part]}"
+            else:
+                hint = _suggest(label, part, shape)
+                did = f", did you mean {hint}?" if hint else ""
             raise ValueError(
                 f"{label}.{part}: no such field{did} ({label} has {', '.join(shape.fields)})"
             )

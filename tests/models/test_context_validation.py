@@ -58,6 +58,8 @@ REFUSED = {
     "event.name": ["did you mean event.event?"],
     "event.propertes.score": ["did you mean event.properties?"],
     "event.score": ["did you mean event.properties.score?"],
+    "event.userId": ["event.userId: no such field, the customer is customer.customer_id in "],
+    "results.ask.status": ["did you mean results.ask.outcome?"],
     "trigger.prop.score": ["did you mean trigger.properties?"],
     "results.ask.evnt.properties.score": ["did you mean results.ask.event?"],
     "results.ask.event.name": ["did you mean results.ask.event.event?"],
