@@ -118,13 +118,19 @@ def template_context(
     entry: dict[str, Any] | None,
     journey_id: str,
     version: int | None = None,
+    *,
+    trigger: dict[str, Any] | None = None,
+    results: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """What every template sees (see models.validation.TEMPLATE_VARIABLES)."""
+    """What every template sees, as models.context declares it (and publish checks): `event`
+    is the entry event, `trigger` the event the last wait_for matched (else the entry)."""
     return {
         "profile": profile.traits,
         "customer": profile.as_context(),
         "event": entry or {},
+        "trigger": trigger or entry or {},
         "journey": {"id": journey_id, "version": version},
+        "results": results or {},
     }
 
 
@@ -202,7 +208,14 @@ class JourneyActivities:
         profile = await self._profile(req.customer_id, stats=False)
         customer_id = profile.customer_id  # the survivor, if the customer was merged meanwhile
         contents = await self._contents(req)
-        ctx = template_context(profile, req.entry, req.journey_id, req.journey_version)
+        ctx = template_context(
+            profile,
+            req.entry,
+            req.journey_id,
+            req.journey_version,
+            trigger=req.trigger,
+            results=req.results,
+        )
         # Rendered before the connection, transaction and customer's lock are taken, in the
         # render threads: a render may take its whole budget, which neither the event loop
         # nor the other sends to this customer should wait for. Every variant the channel
@@ -599,14 +612,28 @@ class JourneyActivities:
     @activity.defn(name="call_webhook")
     async def call_webhook(self, req: WebhookRequest) -> WebhookResult:
         profile = await self._profile(req.customer_id, stats=False)
-        ctx = template_context(profile, req.entry, req.journey_id)
+        ctx = template_context(
+            profile,
+            req.entry,
+            req.journey_id,
+            req.journey_version,
+            trigger=req.trigger,
+            results=req.results,
+        )
         return await webhooks.call(self.http, req, ctx, self.signing_secret)
 
     @activity.defn(name="create_task")
     async def create_task(self, req: TaskRequest) -> TaskCreated:
         """One task per idempotency key; the optional notification carries the same key."""
         profile = await self._profile(req.customer_id, stats=False)
-        ctx = template_context(profile, req.entry, req.journey_id)
+        ctx = template_context(
+            profile,
+            req.entry,
+            req.journey_id,
+            req.journey_version,
+            trigger=req.trigger,
+            results=req.results,
+        )
         try:
             title = await off_loop(render, req.title, ctx)
             details = await off_loop(webhooks.render_payload, req.details, ctx)

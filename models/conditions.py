@@ -4,13 +4,17 @@
     {"all": [{"path": "profile.traits.plan", "op": "eq", "value": "pro"},
              {"not": {"path": "profile.stats.events.Order Completed", "op": "exists"}}]}
 
-Paths start at a root: `event` (the event being matched), `entry` (the event that started the
-run), `profile` (`traits`, `stats`), `results` (earlier step results). Missing values are null;
+Paths start at a root: `event` (the event being matched; in a branch, the entry event),
+`entry` (the event that started the run), `trigger` (the latest event that moved the run: the
+entry event, then the event each `wait_for` matched), `profile` (`traits`, `stats`; in a branch),
+`results` (earlier step results). What each root holds, and where, is declared in
+`models.context` and checked at publish (`models.validation`). Missing values are null;
 comparing values of different types is false, never an error.
 """
 
 from __future__ import annotations
 
+import difflib
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -29,13 +33,34 @@ Op = Literal[
     "eq", "ne", "gt", "gte", "lt", "lte", "in", "not_in", "contains", "starts_with",
     "exists", "not_exists",
 ]  # fmt: skip
-ROOTS = ("event", "entry", "profile", "results")
+ROOTS = ("event", "entry", "trigger", "profile", "results")
+
+
+# Roots people reach for, and where that data is in a condition.
+_ROOT_HINTS = {
+    "customer": "profile",
+    "traits": "profile.traits",
+    "properties": "event.properties",
+    "stats": "profile.stats",
+    "result": "results",
+}
+
+
+def _hint(path: str) -> str:
+    """` (did you mean profile.traits.plan?)` for a path with an unknown root."""
+    root, _, rest = path.partition(".")
+    fix = _ROOT_HINTS.get(root) or next(iter(difflib.get_close_matches(root, ROOTS, 1)), None)
+    if fix is None:
+        return ""
+    return f" (did you mean {'.'.join(x for x in (fix, rest) if x)}?)"
 
 
 class Compare(DefinitionModel):
     """Checked at publish; a run evaluates what was published (models.loading)."""
 
-    path: str = Field(description="dotted path from a root: event, entry, profile, results")
+    path: str = Field(
+        description="dotted path from a root: event, entry, trigger, profile, results"
+    )
     op: Op
     value: Any = None
     value_from: str | None = Field(
@@ -50,7 +75,7 @@ class Compare(DefinitionModel):
         if at_runtime(info):
             return v
         if v.split(".", 1)[0] not in ROOTS:
-            raise ValueError(f"path {v!r} must start with one of {', '.join(ROOTS)}")
+            raise ValueError(f"path {v!r} must start with one of {', '.join(ROOTS)}{_hint(v)}")
         return v
 
     @model_validator(mode="after")
@@ -61,7 +86,10 @@ class Compare(DefinitionModel):
             if self.value is not None:
                 raise ValueError("give value or value_from, not both")
             if self.value_from.split(".", 1)[0] not in ROOTS:
-                raise ValueError(f"value_from {self.value_from!r} must start with a root")
+                raise ValueError(
+                    f"value_from {self.value_from!r} must start with one of "
+                    f"{', '.join(ROOTS)}{_hint(self.value_from)}"
+                )
             return self
         v = self.value
         if self.op in ("gt", "gte", "lt", "lte") and (

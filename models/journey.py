@@ -2,7 +2,8 @@
 
 A step goes to `next` when it has one, else to the step after it; past the last step, or at
 the target `end`, the run completes. Adding a step kind = one class here + one handler in
-`workflows/steps.py`.
+`workflows/steps.py` + what it stores in `results.<step>` in `models/context.py`
+(RESULT_SHAPES), which publish checks conditions and templates against.
 """
 
 from __future__ import annotations

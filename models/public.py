@@ -124,11 +124,21 @@ class JourneyPublic(BaseModel):
     definition: dict[str, Any] | None
     has_draft: bool = False
     versions: list[VersionPublic] = []
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="publish answers only: what is valid but probably not meant "
+        "(models.validation.warnings)",
+    )
 
 
 class ValidationReport(BaseModel):
     valid: bool
     errors: list[str]
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="valid but probably not meant, e.g. reading the entry event after a "
+        "wait_for (models.validation.warnings)",
+    )
 
 
 class LifecycleRequest(BaseModel):

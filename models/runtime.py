@@ -73,6 +73,11 @@ class JourneyState(BaseModel):
     enrollment_id: str
     entered_at: datetime
     entry: JourneyEvent | None = None
+    trigger: JourneyEvent | None = Field(
+        default=None,
+        description="the event the last wait_for matched (`trigger` in conditions and "
+        "templates; None: the entry event)",
+    )
     status: RunStatus = "running"
     exit_reason: str | None = None
     step_id: str | None = None
@@ -203,6 +208,10 @@ class SendRequest(BaseModel):
         default_factory=dict, description="content for one channel instead of the above"
     )
     entry: dict[str, Any] | None = None
+    trigger: dict[str, Any] | None = Field(default=None, description="None: the entry event")
+    results: dict[str, Any] = Field(
+        default_factory=dict, description="the results the step's templates read"
+    )
 
     @property
     def candidates(self) -> list[str]:
@@ -263,6 +272,11 @@ class WebhookRequest(BaseModel):
     payload: dict[str, Any]
     timeout_seconds: float
     entry: dict[str, Any] | None = None
+    trigger: dict[str, Any] | None = Field(default=None, description="None: the entry event")
+    results: dict[str, Any] = Field(
+        default_factory=dict, description="the results the step's templates read"
+    )
+    journey_version: int | None = None
 
 
 class WebhookResult(BaseModel):
@@ -283,6 +297,11 @@ class TaskRequest(BaseModel):
     details: dict[str, Any]
     notify_url: str | None = None
     entry: dict[str, Any] | None = None
+    trigger: dict[str, Any] | None = Field(default=None, description="None: the entry event")
+    results: dict[str, Any] = Field(
+        default_factory=dict, description="the results the step's templates read"
+    )
+    journey_version: int | None = None
 
 
 class TaskCreated(BaseModel):

@@ -236,8 +236,12 @@ class JourneyWorkflow:
 
     # -- helpers used by step handlers -------------------------------------------------
     def context(self) -> dict[str, Any]:
-        entry = self.state.entry.as_context() if self.state.entry else {}
-        return {"entry": entry, "results": self.state.results, "event": entry}
+        """What conditions read (models.context): `event` is the entry event until a matcher
+        puts the event it tests there; `trigger` is the event the last wait_for matched."""
+        st = self.state
+        entry = st.entry.as_context() if st.entry else {}
+        trigger = st.trigger.as_context() if st.trigger else entry
+        return {"entry": entry, "results": st.results, "event": entry, "trigger": trigger}
 
     def exit(self, reason: str) -> None:
         self.state.status = "exited"

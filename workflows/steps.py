@@ -133,6 +133,16 @@ async def wait(run: JourneyWorkflow, step: WaitStep) -> str:
     return STAY
 
 
+def _template_data(run: JourneyWorkflow, step: Step) -> dict[str, Any]:
+    """`trigger` and `results` for an activity that renders the step's templates. Only the
+    results of steps the step's definition mentions travel (every send would otherwise carry
+    all of them into history); None for `trigger` means the entry event."""
+    st = run.state
+    text = step.model_dump_json()
+    results = {k: v for k, v in st.results.items() if k in text} if "results" in text else {}
+    return {"trigger": st.trigger.as_context() if st.trigger else None, "results": results}
+
+
 def _correlated(run: JourneyWorkflow, paths: list[str], event: dict[str, Any]) -> bool:
     entry = run.state.entry.as_context() if run.state.entry else {}
     for path in paths:
@@ -154,6 +164,7 @@ async def wait_for(run: JourneyWorkflow, step: WaitForStep) -> str:
                     "outcome": f"events[{i}]",
                     "event": event.as_context(),
                 }
+                run.state.trigger = event
                 run.outcome = outcome.event or outcome.type
                 return _after(run, step, outcome.next)
     if await _wait_until_deadline(
@@ -248,6 +259,7 @@ async def send(run: JourneyWorkflow, step: SendStep) -> str:
         template_version=step.template.version,
         variants=dict(step.variants),
         entry=run.state.entry.as_context() if run.state.entry else None,
+        **_template_data(run, step),
     )
     try:
         result = await workflow.execute_activity(
@@ -374,6 +386,8 @@ async def webhook(run: JourneyWorkflow, step: WebhookStep) -> str:
         payload=step.payload,
         timeout_seconds=step.timeout_seconds,
         entry=run.state.entry.as_context() if run.state.entry else None,
+        journey_version=run.journey.version,
+        **_template_data(run, step),
     )
     try:
         result = await workflow.execute_activity(
@@ -414,6 +428,8 @@ async def handoff(run: JourneyWorkflow, step: HandoffStep) -> str:
                 details=step.details,
                 notify_url=step.notify_url,
                 entry=st.entry.as_context() if st.entry else None,
+                journey_version=run.journey.version,
+                **_template_data(run, step),
             ),
             result_type=TaskCreated,
             start_to_close_timeout=timedelta(seconds=30),

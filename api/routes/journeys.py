@@ -35,6 +35,7 @@ from models.public import (
     ValidationReport,
 )
 from models.runtime import JourneyEvent, SteerCommand
+from models.validation import warnings
 from store.journeys import (
     DefinitionError,
     active_definitions,
@@ -150,10 +151,10 @@ async def enroll_customer(
 
 async def _report(pool: PoolDep, text: ParsedText) -> ValidationReport:
     try:
-        await resolve_templates(pool, parse_definition(text), text=text)
+        defn = await resolve_templates(pool, parse_definition(text), text=text)
     except DefinitionError as err:
         return ValidationReport(valid=False, errors=[str(p) for p in err.problems])
-    return ValidationReport(valid=True, errors=[])
+    return ValidationReport(valid=True, errors=[], warnings=warnings(defn))
 
 
 _DEFINITION = "a journey definition (GET /v1/journeys/schema), as JSON or YAML"
@@ -221,11 +222,13 @@ async def publish_journey_draft(journey_id: str, pool: PoolDep) -> JourneyPublic
     if draft is None:
         raise ApiError(404, "not_found", f"journey {journey_id!r} has no draft")
     try:
-        await publish(pool, parse_definition(draft))
+        defn = parse_definition(draft)
+        await publish(pool, defn)
     except DefinitionError as err:
         raise ApiError(400, "invalid_definition", str(err)) from None
     await pool.execute("UPDATE journeys SET draft = NULL WHERE id = $1", journey_id)
-    return await get_journey(journey_id, pool)
+    published = await get_journey(journey_id, pool)
+    return published.model_copy(update={"warnings": warnings(defn)})
 
 
 async def _signal_runs(pool: PoolDep, temporal: TemporalDep, journey_id: str, act: Any) -> int:
@@ -414,4 +417,5 @@ async def publish_journey(pool: PoolDep, request: Request) -> JourneyPublic:
         await publish(pool, defn, text=text)
     except DefinitionError as err:
         raise ApiError(400, "invalid_definition", str(err)) from None
-    return await get_journey(defn.id, pool)
+    published = await get_journey(defn.id, pool)
+    return published.model_copy(update={"warnings": warnings(defn)})

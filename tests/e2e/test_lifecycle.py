@@ -46,7 +46,7 @@ async def test_draft_validate_publish_and_versions_in_flight(desk):
     assert (listed["status"], listed["has_draft"], listed["versions"]) == ("draft", True, [])
 
     dry = await api.post("/v1/journeys/promo/validate", json=_v("v1"), headers=ADMIN)
-    assert dry.json() == {"valid": True, "errors": []}
+    assert dry.json() == {"valid": True, "errors": [], "warnings": []}
     assert (await api.get("/v1/journeys/promo/draft", headers=ADMIN)).json() == {
         **broken,
         "id": "promo",
