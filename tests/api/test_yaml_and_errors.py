@@ -81,11 +81,11 @@ async def test_draft_and_validate_take_yaml(api: httpx.AsyncClient, db):
     body = JOURNEY_YAML.replace("id: hello\n", "")  # the id comes from the path
     r = await api.put("/v1/journeys/hello/draft", content=body, headers=_yaml("text/yaml"))
     assert r.status_code == 200, r.text
-    assert r.json() == {"valid": True, "errors": []}
+    assert r.json() == {"valid": True, "errors": [], "warnings": []}
     draft = (await api.get("/v1/journeys/hello/draft", headers=ADMIN)).json()
     assert draft["steps"][0]["template"]["body"] == "Hello {{ profile.first_name }}"
     r = await api.post("/v1/journeys/hello/validate", content=body, headers=_yaml())
-    assert r.json() == {"valid": True, "errors": []}
+    assert r.json() == {"valid": True, "errors": [], "warnings": []}
     broken = body.replace("duration: 1d", "duration: soon")
     r = await api.post("/v1/journeys/hello/validate", content=broken, headers=_yaml())
     [error] = r.json()["errors"]
@@ -93,7 +93,7 @@ async def test_draft_and_validate_take_yaml(api: httpx.AsyncClient, db):
     assert "line 13, column 5" in error, error
     # Without a body: the stored draft.
     r = await api.post("/v1/journeys/hello/validate", headers=ADMIN)
-    assert r.json() == {"valid": True, "errors": []}
+    assert r.json() == {"valid": True, "errors": [], "warnings": []}
     r = await api.post("/v1/journeys/hello/publish", headers=ADMIN)
     assert r.status_code == 200, r.text
 

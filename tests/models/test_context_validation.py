@@ -126,7 +126,7 @@ def _refused(data: dict[str, Any]) -> str:
 @pytest.mark.parametrize("expr", list(REFUSED))
 def test_a_template_reading_an_unknown_field_is_refused_with_did_you_mean(expr: str) -> None:
     message = _refused(_template_journey(expr))
-    assert "step 'reader': template.body: " in message
+    assert "template.body (step 'reader'): " in message
     for fragment in REFUSED[expr]:
         assert fragment in message, message
 
@@ -136,7 +136,7 @@ def test_a_template_reading_an_unknown_field_is_refused_with_did_you_mean(expr: 
 )
 def test_a_condition_reading_an_unknown_field_is_refused_with_did_you_mean(path: str) -> None:
     message = _refused(_condition_journey(path))
-    assert "step 'reader': cases[0].when: " in message
+    assert "cases[0].when (step 'reader'): " in message
     for fragment in REFUSED[path]:
         assert fragment in message, message
 
@@ -186,7 +186,9 @@ def test_each_place_reads_only_what_it_has() -> None:
             {"event": "Paid", "conditions": _when("profile.traits.vip")}]},
     )  # fmt: skip
     message = _refused(profile_in_wait_for)
-    assert "step 'w': events[0].conditions: profile.traits.vip: profile is not available" in message
+    assert (
+        "events[0].conditions (step 'w'): profile.traits.vip: profile is not available" in message
+    )
     assert "read by a branch step" in message
 
     entry = {**_defn(_send("s", "hi")), "entry": {"event": "Go", "conditions": _when("entry.x")}}
@@ -222,13 +224,14 @@ def test_correlate_and_until_paths_are_checked() -> None:
         {"id": "w", "kind": "wait_for", "timeout": "1d",
          "events": [{"event": "Paid", "correlate": ["property.cart_id"]}]},
     )  # fmt: skip
-    assert "events[0].correlate: event.property: no such field" in _refused(correlate)
+    assert "events[0].correlate (step 'w'): event.property: no such field" in _refused(correlate)
     correlate["steps"][0]["events"][0]["correlate"] = ["properties.cart_id"]
     parse_definition(correlate)
 
     until = _defn({"id": "w", "kind": "wait", "until": "profile.renewal"})
-    assert "until: profile.renewal: no such field, did you mean profile.traits.renewal?" in (
-        _refused(until)
+    assert (
+        "until (step 'w'): profile.renewal: no such field, did you mean profile.traits.renewal?"
+        in (_refused(until))
     )
     until["steps"][0]["until"] = "entry.properties.start_time"
     parse_definition(until)
@@ -237,14 +240,14 @@ def test_correlate_and_until_paths_are_checked() -> None:
 def test_results_are_checked_in_every_template_of_a_step() -> None:
     webhook = {"id": "tell", "kind": "webhook", "url": "https://example.com/x",
                "payload": {"who": {"id": "{{ customer.id }}"}}}  # fmt: skip
-    assert "step 'tell': payload.who.id: customer.id: no such field" in _refused(_defn(webhook))
+    assert "payload.who.id (step 'tell'): customer.id: no such field" in _refused(_defn(webhook))
     handoff = {"id": "h", "kind": "handoff", "queue": "q", "title": "{{ results.ask.score }}"}
     message = _refused(_defn(PRODUCERS[0], handoff))
-    assert "step 'h': title: results.ask.score: no such field" in message
+    assert "title (step 'h'): results.ask.score: no such field" in message
     variant = _send(
         "v", "ok", channel=["email", "sms"], variants={"sms": {"body": "{{ event.nme }}"}}
     )
-    assert "step 'v': variants.sms.body: event.nme: no such field" in _refused(_defn(variant))
+    assert "variants.sms.body (step 'v'): event.nme: no such field" in _refused(_defn(variant))
 
 
 def test_results_must_come_before_the_template_that_reads_them() -> None:
