@@ -106,10 +106,11 @@ async def _read_profile(conn: Conn, customer_id: str) -> ProfileSnapshot | None:
     )
 
 
-def _erased(customer_id: str) -> ApplicationError:
+def _erased(key: str) -> ApplicationError:
     """A send or a task for a customer erased meanwhile: nothing is delivered or stored, and
-    retrying cannot change that (their run is being deleted by the erasure)."""
-    log.info("send.customer_erased", customer_id=customer_id)
+    retrying cannot change that (their run is being deleted by the erasure). Logged by its
+    idempotency key only: the erasure keeps customer ids out of what stays behind."""
+    log.info("customer_erased", key=key)
     return ApplicationError(
         "the customer was erased: nothing sent, nothing stored",
         type="CustomerErased",
@@ -278,7 +279,7 @@ class JourneyActivities:
         for _ in range(RESERVE_ROUNDS):
             profile = await _read_profile(self.pool, req.customer_id)
             if profile is None:
-                raise _erased(req.customer_id)
+                raise _erased(req.idempotency_key)
             if profile != seen:  # renders of an older profile are of no use
                 rendered, seen = {}, profile
             ctx = template_context(profile, req.entry, req.journey_id, req.journey_version)
@@ -295,7 +296,7 @@ class JourneyActivities:
                     return row, False
                 current = await _read_profile(conn, req.customer_id)
                 if current is None:
-                    raise _erased(req.customer_id)
+                    raise _erased(req.idempotency_key)
                 if current != profile:  # merged, or traits changed: render again, outside
                     log.info("send.profile_changed", key=req.idempotency_key)
                     continue
@@ -316,7 +317,9 @@ class JourneyActivities:
                     "journey_version, step_id, workflow_id, channel, subject, body, html, "
                     "status, category, skip_reason, address, template_id, template_version) "
                     "VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16) "
-                    "RETURNING " + _MESSAGE_COLUMNS,
+                    # An overlapping attempt that locked another id (a merge came between
+                    # them) may have reserved it: the row it made stands.
+                    "ON CONFLICT (idempotency_key) DO NOTHING RETURNING " + _MESSAGE_COLUMNS,
                     req.idempotency_key,
                     current.customer_id,
                     req.journey_id,
@@ -334,7 +337,10 @@ class JourneyActivities:
                     content.template_id,
                     content.version,
                 )
-                assert row is not None
+                if row is None:
+                    row = await conn.fetchrow(_SELECT_MESSAGE, req.idempotency_key)
+                    assert row is not None
+                    return row, False
                 return row, True
         # The profile or the choice kept changing under us: Temporal retries with backoff.
         raise ApplicationError(
@@ -433,7 +439,7 @@ class JourneyActivities:
         if recorded is None:  # a later attempt or a provider callback got there first
             done = await self.pool.fetchrow(_SELECT_MESSAGE, req.idempotency_key)
             if done is None:  # erased while the provider had it: nothing left to record
-                raise _erased(row["customer_id"])
+                raise _erased(req.idempotency_key)
             if done["status"] in ("pending", "sending"):  # that attempt is not finished
                 raise ApplicationError("a later attempt owns this send", type="AttemptSuperseded")
             return SendResult(
@@ -465,7 +471,7 @@ class JourneyActivities:
                     row["id"],
                 )
                 if current is None:
-                    raise _erased(customer_id)
+                    raise _erased(req.idempotency_key)
                 if current["customer_id"] != customer_id:  # merged meanwhile: its lock
                     customer_id = current["customer_id"]
                     continue
@@ -536,7 +542,7 @@ class JourneyActivities:
         if owner is None:
             done = await self.pool.fetchrow(_SELECT_MESSAGE, req.idempotency_key)
             if done is None:
-                raise _erased(row["customer_id"])
+                raise _erased(req.idempotency_key)
             if done["status"] in ("pending", "sending"):
                 raise ApplicationError("a later attempt owns this send", type="AttemptSuperseded")
             return SendResult(
@@ -723,7 +729,7 @@ class JourneyActivities:
         for _ in range(RESERVE_ROUNDS):
             profile = await _read_profile(self.pool, req.customer_id)
             if profile is None:
-                raise _erased(req.customer_id)
+                raise _erased(req.idempotency_key)
             ctx = template_context(profile, req.entry, req.journey_id)
             try:
                 title = await off_loop(render, req.title, ctx)
@@ -736,7 +742,7 @@ class JourneyActivities:
                 await self.policy.lock(conn, profile.customer_id)
                 current = await _read_profile(conn, req.customer_id)
                 if current is None:
-                    raise _erased(req.customer_id)
+                    raise _erased(req.idempotency_key)
                 if current != profile:
                     continue
                 row = await conn.fetchrow(
