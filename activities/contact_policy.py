@@ -57,7 +57,8 @@ class ContactPolicy:
         self.consent_default = consent_default
 
     async def lock(self, conn: asyncpg.Connection, customer_id: str) -> None:
-        """The per-customer lock a merge takes too (`store.profiles.lock_contact`)."""
+        """The per-customer lock a merge and an erasure take too (`store.profiles.lock_contact`):
+        a send reads the customer again under it (activities.journey_activities)."""
         await lock_contact(conn, customer_id)
 
     async def decide(

@@ -58,6 +58,8 @@ from store.templates import get_version
 
 _MESSAGE_COLUMNS = "id, status, skip_reason, address, channel, customer_id, subject, body, html"
 _SELECT_MESSAGE = f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE idempotency_key = $1"
+_TASK_COLUMNS = "id, customer_id, title, details"
+_SELECT_TASK = f"SELECT {_TASK_COLUMNS} FROM tasks WHERE idempotency_key = $1"
 
 log = structlog.stdlib.get_logger("activities")
 
@@ -79,6 +81,41 @@ def _deadline(started: float | None, margin: float = 3.0) -> float | None:
     if timeout is None:
         return None
     return max(timeout.total_seconds() - (time.monotonic() - started) - margin, 0.0)
+
+
+# Rounds of render-then-lock a send makes when the profile or its channel choice changes
+# between the render and the lock; past them the attempt fails and Temporal retries later.
+RESERVE_ROUNDS = 3
+
+Conn = asyncpg.Connection | asyncpg.Pool
+
+
+async def _read_profile(conn: Conn, customer_id: str) -> ProfileSnapshot | None:
+    """The customer as they are now: a merged-away id reads as the survivor it was merged
+    into; None once they are erased (no row left). Stats hold only the timezone."""
+    row = await conn.fetchrow(
+        "SELECT coalesce(s.id, c.id) AS id, coalesce(s.traits, c.traits) AS traits, "
+        "coalesce(s.timezone, c.timezone) AS timezone FROM customers c "
+        "LEFT JOIN customers s ON s.id = c.merged_into WHERE c.id = $1",
+        customer_id,
+    )
+    if row is None:
+        return None
+    return ProfileSnapshot(
+        customer_id=row["id"], traits=dict(row["traits"]), stats={"timezone": row["timezone"]}
+    )
+
+
+def _erased(key: str) -> ApplicationError:
+    """A send or a task for a customer erased meanwhile: nothing is delivered or stored, and
+    retrying cannot change that (their run is being deleted by the erasure). Logged by its
+    idempotency key only: the erasure keeps customer ids out of what stays behind."""
+    log.info("customer_erased", key=key)
+    return ApplicationError(
+        "the customer was erased: nothing sent, nothing stored",
+        type="CustomerErased",
+        non_retryable=True,
+    )
 
 
 @dataclass(frozen=True)
@@ -111,6 +148,11 @@ def _render_contents(
         except TemplateError as err:
             out[name] = err
     return out
+
+
+def _variant(channel: str, contents: dict[str, _Content]) -> str:
+    """The content a send on `channel` uses: its own variant, else the step's ("*")."""
+    return channel if channel in contents else "*"
 
 
 def template_context(
@@ -170,21 +212,13 @@ class JourneyActivities:
             await self.http.aclose()
 
     async def _profile(self, customer_id: str, *, stats: bool) -> ProfileSnapshot:
-        # A merged-away customer reads as the survivor it was merged into.
-        row = await self.pool.fetchrow(
-            "SELECT coalesce(s.id, c.id) AS id, coalesce(s.traits, c.traits) AS traits, "
-            "coalesce(s.timezone, c.timezone) AS timezone FROM customers c "
-            "LEFT JOIN customers s ON s.id = c.merged_into WHERE c.id = $1",
-            customer_id,
-        )
-        if row is None:
+        found = await _read_profile(self.pool, customer_id)
+        if found is None:
             raise ApplicationError(f"customer {customer_id!r} not found", type="InvalidRequest")
-        figures = await profile_stats(self.pool, row["id"]) if stats else {}
-        return ProfileSnapshot(
-            customer_id=row["id"],
-            traits=dict(row["traits"]),
-            stats={**figures, "timezone": row["timezone"]},
-        )
+        if not stats:
+            return found
+        figures = await profile_stats(self.pool, found.customer_id)
+        return found.model_copy(update={"stats": {**figures, **found.stats}})
 
     @activity.defn(name="load_profile")
     async def load_profile(self, customer_id: str) -> ProfileSnapshot:
@@ -196,7 +230,12 @@ class JourneyActivities:
         claim, deliver with the key, record. A retry reconciles instead of sending twice: a
         row already final is answered from the row; a row left `sending` by an attempt that
         died mid-call is delivered again with the same key, which HTTP providers deduplicate
-        (SMTP: see activities.channels.email for the one window no SMTP client can close)."""
+        (SMTP: see activities.channels.email for the one window no SMTP client can close).
+
+        A retry (rate limit, provider busy, an attempt out of time) finds its reservation
+        before anything else and delivers what it stored: nothing is rendered again. Only a
+        first attempt renders, and only the content of the channel it chooses (see
+        `_reserve`), against the profile as it is under the customer's lock."""
         started = time.monotonic()
         bound = log.bind(
             customer_id=req.customer_id,
@@ -205,53 +244,97 @@ class JourneyActivities:
             step=req.step_id,
             key=req.idempotency_key,
         )
-        profile = await self._profile(req.customer_id, stats=False)
-        customer_id = profile.customer_id  # the survivor, if the customer was merged meanwhile
-        contents = await self._contents(req)
-        ctx = template_context(
-            profile,
-            req.entry,
-            req.journey_id,
-            req.journey_version,
-            trigger=req.trigger,
-            results=req.results,
+        # Without the lock: a reservation, once made, never changes its content, and the
+        # claim checks it again under the lock.
+        row = await self.pool.fetchrow(_SELECT_MESSAGE, req.idempotency_key)
+        fresh = False
+        if row is None:
+            row, fresh = await self._reserve(req)
+        result = SendResult(
+            message_id=row["id"],
+            status=row["status"],
+            reason=row["skip_reason"],
+            duplicate=not fresh,
+            channel=row["channel"],
         )
-        # Rendered before the connection, transaction and customer's lock are taken, in the
-        # render threads: a render may take its whole budget, which neither the event loop
-        # nor the other sends to this customer should wait for. Every variant the channel
-        # choice (made under the lock) may pick is rendered; a variant's TemplateError
-        # fails the send only if it is the one chosen, as when rendering came after.
-        possible = self._possible_channels(req)
-        needed = {
-            name: content
-            for name, content in contents.items()
-            if name in possible or (name == "*" and not possible <= contents.keys())
-        }
-        rendered = await off_loop(_render_contents, needed, ctx)
-        async with self.pool.acquire() as conn, conn.transaction():
-            await self.policy.lock(conn, customer_id)
-            row = await conn.fetchrow(_SELECT_MESSAGE, req.idempotency_key)
-            fresh = row is None
-            if row is None:
-                channel_name, decision = await self._choose(conn, req, customer_id, profile)
-                variant = channel_name if channel_name in contents else "*"
-                content = contents[variant]
-                if variant not in rendered:  # not foreseen by _possible_channels
-                    rendered |= await off_loop(_render_contents, {variant: content}, ctx)
+        if row["status"] == "skipped":
+            bound.info("send.skipped", reason=row["skip_reason"], channel=row["channel"])
+            return result
+        if row["status"] not in ("pending", "sending"):
+            bound.info("send.duplicate", status=row["status"])
+            return result.model_copy(update={"duplicate": True})
+        return await self._deliver(req, row, bound, started)
+
+    async def _reserve(self, req: SendRequest) -> tuple[asyncpg.Record, bool]:
+        """The send's reservation: (row, made by this call).
+
+        Optimistic, so that no render runs under the customer's lock (an erasure or a merge
+        waits for that lock, and a render may take its whole budget): read the profile and
+        choose the channel without the lock, render that channel's content in the render
+        threads, then take the lock and read the customer again. Reserved only if the
+        customer is the same one with the same traits (what was rendered, the address and
+        the policy's customer id all hold) and the choice made under the lock is a content
+        already rendered; else the lock is let go and this goes round again. A customer
+        erased meanwhile gets no row at all (their data is gone, and a row would carry an
+        address and a body of theirs): the send ends as `CustomerErased`, not retried. A
+        customer merged meanwhile is decided for the survivor (caps, consent, suppression)."""
+        contents = await self._contents(req)
+        rendered: dict[str, _Rendered | TemplateError] = {}
+        wanted: set[str] = set()
+        seen: ProfileSnapshot | None = None
+        for _ in range(RESERVE_ROUNDS):
+            profile = await _read_profile(self.pool, req.customer_id)
+            if profile is None:
+                raise _erased(req.idempotency_key)
+            if profile != seen:  # renders of an older profile are of no use
+                rendered, seen = {}, profile
+            ctx = template_context(
+                profile,
+                req.entry,
+                req.journey_id,
+                req.journey_version,
+                trigger=req.trigger,
+                results=req.results,
+            )
+            async with self.pool.acquire() as conn:
+                guess, _ = await self._choose(conn, req, profile.customer_id, profile)
+            wanted.add(_variant(guess, contents))
+            todo = {name: contents[name] for name in wanted - rendered.keys()}
+            if todo:
+                rendered |= await off_loop(_render_contents, todo, ctx)
+            async with self.pool.acquire() as conn, conn.transaction():
+                await self.policy.lock(conn, profile.customer_id)
+                row = await conn.fetchrow(_SELECT_MESSAGE, req.idempotency_key)
+                if row is not None:  # an attempt that overlapped this one reserved it
+                    return row, False
+                current = await _read_profile(conn, req.customer_id)
+                if current is None:
+                    raise _erased(req.idempotency_key)
+                if current != profile:  # merged, or traits changed: render again, outside
+                    log.info("send.profile_changed", key=req.idempotency_key)
+                    continue
+                channel_name, decision = await self._choose(conn, req, current.customer_id, current)
+                variant = _variant(channel_name, contents)
+                if variant not in rendered:  # the choice moved (a cap filled, a consent)
+                    wanted.add(variant)
+                    continue
                 parts = rendered[variant]
                 if isinstance(parts, TemplateError):
                     raise ApplicationError(
                         f"step {req.step_id!r}: template error: {parts}", type="TemplateError"
                     ) from parts
+                content = contents[variant]
                 subject, body, html = parts
                 row = await conn.fetchrow(
                     "INSERT INTO messages (idempotency_key, customer_id, journey_id, "
                     "journey_version, step_id, workflow_id, channel, subject, body, html, "
                     "status, category, skip_reason, address, template_id, template_version) "
                     "VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16) "
-                    "RETURNING " + _MESSAGE_COLUMNS,
+                    # An overlapping attempt that locked another id (a merge came between
+                    # them) may have reserved it: the row it made stands.
+                    "ON CONFLICT (idempotency_key) DO NOTHING RETURNING " + _MESSAGE_COLUMNS,
                     req.idempotency_key,
-                    customer_id,
+                    current.customer_id,
                     req.journey_id,
                     req.journey_version,
                     req.step_id,
@@ -267,21 +350,17 @@ class JourneyActivities:
                     content.template_id,
                     content.version,
                 )
-        assert row is not None
-        result = SendResult(
-            message_id=row["id"],
-            status=row["status"],
-            reason=row["skip_reason"],
-            duplicate=not fresh,
-            channel=row["channel"],
+                if row is None:
+                    row = await conn.fetchrow(_SELECT_MESSAGE, req.idempotency_key)
+                    assert row is not None
+                    return row, False
+                return row, True
+        # The profile or the choice kept changing under us: Temporal retries with backoff.
+        raise ApplicationError(
+            f"step {req.step_id!r}: the customer's profile kept changing while the send was "
+            "prepared",
+            type="ProfileChanging",
         )
-        if row["status"] == "skipped":
-            bound.info("send.skipped", reason=row["skip_reason"], channel=row["channel"])
-            return result
-        if row["status"] not in ("pending", "sending"):
-            bound.info("send.duplicate", status=row["status"])
-            return result.model_copy(update={"duplicate": True})
-        return await self._deliver(req, row, bound, started)
 
     async def _deliver(
         self, req: SendRequest, row: asyncpg.Record, bound: Any, started: float | None = None
@@ -372,6 +451,8 @@ class JourneyActivities:
         )
         if recorded is None:  # a later attempt or a provider callback got there first
             done = await self.pool.fetchrow(_SELECT_MESSAGE, req.idempotency_key)
+            if done is None:  # erased while the provider had it: nothing left to record
+                raise _erased(req.idempotency_key)
             if done["status"] in ("pending", "sending"):  # that attempt is not finished
                 raise ApplicationError("a later attempt owns this send", type="AttemptSuperseded")
             return SendResult(
@@ -388,43 +469,58 @@ class JourneyActivities:
         """Under the customer's lock: a send still `pending` is checked again for
         suppression and consent (a retry may come hours later, after a STOP or a bounce),
         then claimed (`sending`, attempt + 1). From here on a provider may have the message;
-        a second claim means an earlier attempt died or timed out after this point."""
-        async with self.pool.acquire() as conn, conn.transaction():
-            await self.policy.lock(conn, row["customer_id"])
-            current = await conn.fetchrow(
-                "SELECT status, skip_reason FROM messages WHERE id = $1 FOR UPDATE", row["id"]
-            )
-            done = SendResult(
-                message_id=row["id"],
-                status=current["status"],
-                reason=current["skip_reason"],
-                duplicate=True,
-                channel=row["channel"],
-            )
-            if current["status"] not in ("pending", "sending"):
-                return done
-            if current["status"] == "pending":
-                refusal = await self.policy.refusal(
-                    conn,
-                    customer_id=row["customer_id"],
-                    channel=row["channel"],
-                    category=req.category,
-                    topic=req.topic,
-                    address=row["address"],
+        a second claim means an earlier attempt died or timed out after this point.
+
+        The lock is the one of the customer the message belongs to now (a merge moves a
+        customer's messages to the survivor under both locks; an erasure deletes them under
+        the customer's): a message gone is an erased customer's, and is not delivered."""
+        customer_id: str = row["customer_id"]
+        for _ in range(RESERVE_ROUNDS):
+            async with self.pool.acquire() as conn, conn.transaction():
+                await self.policy.lock(conn, customer_id)
+                current = await conn.fetchrow(
+                    "SELECT status, skip_reason, customer_id FROM messages WHERE id = $1 "
+                    "FOR UPDATE",
+                    row["id"],
                 )
-                if refusal is not None:
-                    await conn.execute(
-                        "UPDATE messages SET status = 'skipped', skip_reason = $2 WHERE id = $1",
-                        row["id"],
-                        refusal,
+                if current is None:
+                    raise _erased(req.idempotency_key)
+                if current["customer_id"] != customer_id:  # merged meanwhile: its lock
+                    customer_id = current["customer_id"]
+                    continue
+                done = SendResult(
+                    message_id=row["id"],
+                    status=current["status"],
+                    reason=current["skip_reason"],
+                    duplicate=True,
+                    channel=row["channel"],
+                )
+                if current["status"] not in ("pending", "sending"):
+                    return done
+                if current["status"] == "pending":
+                    refusal = await self.policy.refusal(
+                        conn,
+                        customer_id=customer_id,
+                        channel=row["channel"],
+                        category=req.category,
+                        topic=req.topic,
+                        address=row["address"],
                     )
-                    return done.model_copy(update={"status": "skipped", "reason": refusal})
-            return await conn.fetchval(
-                "UPDATE messages SET status = 'sending', attempts = attempts + 1, "
-                "claimed_at = now(), links = $2 WHERE id = $1 RETURNING attempts",
-                row["id"],
-                links,
-            )
+                    if refusal is not None:
+                        await conn.execute(
+                            "UPDATE messages SET status = 'skipped', skip_reason = $2 "
+                            "WHERE id = $1",
+                            row["id"],
+                            refusal,
+                        )
+                        return done.model_copy(update={"status": "skipped", "reason": refusal})
+                return await conn.fetchval(
+                    "UPDATE messages SET status = 'sending', attempts = attempts + 1, "
+                    "claimed_at = now(), links = $2 WHERE id = $1 RETURNING attempts",
+                    row["id"],
+                    links,
+                )
+        raise ApplicationError("the message kept moving between customers", type="ClaimMoved")
 
     async def _refused(
         self,
@@ -458,6 +554,8 @@ class JourneyActivities:
                 )
         if owner is None:
             done = await self.pool.fetchrow(_SELECT_MESSAGE, req.idempotency_key)
+            if done is None:
+                raise _erased(req.idempotency_key)
             if done["status"] in ("pending", "sending"):
                 raise ApplicationError("a later attempt owns this send", type="AttemptSuperseded")
             return SendResult(
@@ -496,15 +594,15 @@ class JourneyActivities:
         """The channels a `best` send chooses among."""
         return [c for c in self.channels if c not in ("outbox", "webhook")]
 
-    def _possible_channels(self, req: SendRequest) -> set[str]:
-        """Every channel `_choose` may return for `req` (its candidates, or for `best` the
-        reachable ones; the ranker only orders them)."""
-        return set(self._reachable() if req.candidates == ["best"] else req.candidates)
-
     async def _choose(
-        self, conn: asyncpg.Connection, req: SendRequest, customer_id: str, profile: Any
+        self,
+        conn: asyncpg.Connection,
+        req: SendRequest,
+        customer_id: str,
+        profile: ProfileSnapshot,
     ) -> tuple[str, Decision]:
-        """The first candidate channel the policy allows; else the first refusal."""
+        """The first candidate channel the policy allows; else the first refusal. Binding
+        only under the customer's lock; without it, a guess of what the lock will choose."""
         candidates = req.candidates
         if candidates == ["best"]:
             candidates = await self.ranker.rank(conn, customer_id, self._reachable())
@@ -624,44 +722,17 @@ class JourneyActivities:
 
     @activity.defn(name="create_task")
     async def create_task(self, req: TaskRequest) -> TaskCreated:
-        """One task per idempotency key; the optional notification carries the same key."""
-        profile = await self._profile(req.customer_id, stats=False)
-        ctx = template_context(
-            profile,
-            req.entry,
-            req.journey_id,
-            req.journey_version,
-            trigger=req.trigger,
-            results=req.results,
-        )
-        try:
-            title = await off_loop(render, req.title, ctx)
-            details = await off_loop(webhooks.render_payload, req.details, ctx)
-        except TemplateError as err:
-            raise ApplicationError(
-                f"step {req.step_id!r}: template error: {err}", type="TemplateError"
-            ) from err
-        row = await self.pool.fetchrow(
-            "INSERT INTO tasks (idempotency_key, customer_id, journey_id, step_id, workflow_id, "
-            "enrollment_id, queue, title, details, status) "
-            "VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,'open') "
-            "ON CONFLICT (idempotency_key) "
-            "DO UPDATE SET idempotency_key = EXCLUDED.idempotency_key RETURNING id",
-            req.idempotency_key,
-            req.customer_id,
-            req.journey_id,
-            req.step_id,
-            req.workflow_id,
-            req.enrollment_id,
-            req.queue,
-            title,
-            details,
-        )
-        assert row is not None
+        """One task per idempotency key; the optional notification carries the same key.
+        A retry (the notification failed) notifies with what the task row holds, rendering
+        nothing again."""
+        row = await self.pool.fetchrow(_SELECT_TASK, req.idempotency_key)
+        if row is None:
+            row = await self._task_row(req)
         if not req.notify_url:
             return TaskCreated(task_id=row["id"])
-        body = {"task_id": row["id"], "queue": req.queue, "title": title, "details": details,
-                "customer_id": req.customer_id, "journey_id": req.journey_id}  # fmt: skip
+        body = {"task_id": row["id"], "queue": req.queue, "title": row["title"],
+                "details": row["details"], "customer_id": row["customer_id"],
+                "journey_id": req.journey_id}  # fmt: skip
         status, error = await self._notify(req.notify_url, body, req.idempotency_key)
         if error is not None:
             log.warning(
@@ -669,6 +740,62 @@ class JourneyActivities:
                 error=error,
             )  # fmt: skip
         return TaskCreated(task_id=row["id"], notify_status=status, notify_error=error)
+
+    async def _task_row(self, req: TaskRequest) -> asyncpg.Record:
+        """The task, written as a send is reserved (see `_reserve`): rendered without the
+        customer's lock, written under it if the profile is still the one rendered. None
+        for a customer erased meanwhile (`CustomerErased`: no task, no notification with
+        their data); the survivor's for a customer merged meanwhile."""
+        for _ in range(RESERVE_ROUNDS):
+            profile = await _read_profile(self.pool, req.customer_id)
+            if profile is None:
+                raise _erased(req.idempotency_key)
+            ctx = template_context(
+                profile,
+                req.entry,
+                req.journey_id,
+                req.journey_version,
+                trigger=req.trigger,
+                results=req.results,
+            )
+            try:
+                title = await off_loop(render, req.title, ctx)
+                details = await off_loop(webhooks.render_payload, req.details, ctx)
+            except TemplateError as err:
+                raise ApplicationError(
+                    f"step {req.step_id!r}: template error: {err}", type="TemplateError"
+                ) from err
+            async with self.pool.acquire() as conn, conn.transaction():
+                await self.policy.lock(conn, profile.customer_id)
+                current = await _read_profile(conn, req.customer_id)
+                if current is None:
+                    raise _erased(req.idempotency_key)
+                if current != profile:
+                    continue
+                row = await conn.fetchrow(
+                    "INSERT INTO tasks (idempotency_key, customer_id, journey_id, step_id, "
+                    "workflow_id, enrollment_id, queue, title, details, status) "
+                    "VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,'open') "
+                    "ON CONFLICT (idempotency_key) "
+                    "DO UPDATE SET idempotency_key = EXCLUDED.idempotency_key "
+                    "RETURNING " + _TASK_COLUMNS,
+                    req.idempotency_key,
+                    current.customer_id,
+                    req.journey_id,
+                    req.step_id,
+                    req.workflow_id,
+                    req.enrollment_id,
+                    req.queue,
+                    title,
+                    details,
+                )
+                assert row is not None
+                return row
+        raise ApplicationError(
+            f"step {req.step_id!r}: the customer's profile kept changing while the task was "
+            "prepared",
+            type="ProfileChanging",
+        )
 
     async def _notify(
         self, url: str, body: dict[str, Any], key: str
