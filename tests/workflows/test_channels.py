@@ -278,10 +278,14 @@ async def test_a_variant_gives_a_channel_its_own_content(db, ts_env, provider):
 
     bad = _journey("bad", ["email", "sms"])
     bad["steps"][0]["variants"] = {"push": {"body": "x"}}
-    with pytest.raises(DefinitionError, match=r"step 'hello'.*variants\.push: the step does not"):
+    with pytest.raises(
+        DefinitionError, match=r"variants\.push \(step 'hello'\): the step does not"
+    ):
         parse_definition(bad)
     bad["steps"][0]["variants"] = {"sms": {"body": "{{ user.name }}"}}
-    with pytest.raises(DefinitionError, match=r"variants\.sms\.body: unknown template variable"):
+    with pytest.raises(
+        DefinitionError, match=r"variants\.sms\.body \(step .hello.\): unknown template variable"
+    ):
         parse_definition(bad)
 
 
