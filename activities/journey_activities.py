@@ -182,6 +182,7 @@ class JourneyActivities:
         customer_id = profile.customer_id  # the survivor, if the customer was merged meanwhile
         contents = await self._contents(req)
         ctx = template_context(profile, req.entry, req.journey_id, req.journey_version)
+        failure: str | None = None
         async with self.pool.acquire() as conn, conn.transaction():
             await self.policy.lock(conn, customer_id)
             row = await conn.fetchrow(_SELECT_MESSAGE, req.idempotency_key)
@@ -194,9 +195,11 @@ class JourneyActivities:
                     body = render(content.body, ctx)
                     html = render_html(content.html, ctx) if content.html else None
                 except TemplateError as err:
-                    raise ApplicationError(
-                        f"step {req.step_id!r}: template error: {err}", type="TemplateError"
-                    ) from err
+                    # Stored as a failed message (committed below), so the channel report and
+                    # the customer's messages show it; the step then fails for good.
+                    failure = f"step {req.step_id!r}: template error: {err}"
+                    subject, body, html = None, "", None
+                    decision = Decision(False, "template_error", decision.address)
                 row = await conn.fetchrow(
                     "INSERT INTO messages (idempotency_key, customer_id, journey_id, "
                     "journey_version, step_id, workflow_id, channel, subject, body, html, "
@@ -213,13 +216,20 @@ class JourneyActivities:
                     subject,
                     body,
                     html,
-                    "pending" if decision.allowed else "skipped",
+                    "failed" if failure else "pending" if decision.allowed else "skipped",
                     req.category,
                     decision.reason,
                     decision.address,
                     content.template_id,
                     content.version,
                 )
+                if failure is not None:
+                    await conn.execute(
+                        "UPDATE messages SET error = $2 WHERE id = $1", row["id"], failure[:1000]
+                    )
+        if failure is not None:
+            bound.warning("send.template_error", error=failure)
+            raise ApplicationError(failure, type="TemplateError")
         assert row is not None
         result = SendResult(
             message_id=row["id"],
@@ -233,6 +243,12 @@ class JourneyActivities:
             return result
         if row["status"] not in ("pending", "sending"):
             bound.info("send.duplicate", status=row["status"])
+            if row["status"] == "failed" and row["skip_reason"] == "template_error":
+                # A retried attempt of a send whose template failed: the same failure.
+                raise ApplicationError(
+                    f"step {req.step_id!r}: template error (recorded as message {row['id']})",
+                    type="TemplateError",
+                )
             return result.model_copy(update={"duplicate": True})
         return await self._deliver(req, row, bound, started)
 
@@ -419,8 +435,9 @@ class JourneyActivities:
         status, reason = ("bounced", "hard_bounce") if err.suppress else ("failed", "rejected")
         bound.warning(f"send.{status}", channel=name, code=err.code, error=err.message)
         return SendResult(
-            message_id=row["id"], status=status, reason=reason, duplicate=False, channel=name
-        )
+            message_id=row["id"], status=status, reason=reason, duplicate=False, channel=name,
+            error=str(err)[:500],
+        )  # fmt: skip
 
     async def _contents(self, req: SendRequest) -> dict[str, _Content]:
         """The step's content ("*") and its per-channel variants, stored ones loaded."""
@@ -493,13 +510,14 @@ class JourneyActivities:
     async def record_run_finished(self, done: RunFinished) -> None:
         await self.pool.execute(
             "UPDATE journey_runs SET status = $2, exit_reason = $3, ended_at = now(), "
-            "goal_at = $4, arm = $5, holdout = $6 WHERE enrollment_id = $1",
+            "goal_at = $4, arm = $5, holdout = $6, failures = $7 WHERE enrollment_id = $1",
             done.enrollment_id,
             done.status,
             done.exit_reason,
             done.goal_at,
             done.arm,
             done.holdout,
+            done.failures,
         )
         if done.release:  # after the row says ended, so the router may enter them anew
             await self.release_events(done.release)

@@ -318,7 +318,8 @@ class Launch(SQLModel, table=True):
     audience: dict[str, Any] | None = Field(default=None, sa_column=sa.Column(JSONB, nullable=True))
     rate_per_second: float
     page_size: int
-    status: str = Field(max_length=16, description="running | completed | cancelled")
+    status: str = Field(max_length=16, description="running | completed | cancelled | failed")
+    error: str | None = Field(default=None, description="why the launch failed")
     enrolled: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
     skipped: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
     cursor: str | None = Field(default=None, max_length=64)

@@ -89,6 +89,8 @@ class Merge:
 class Resolution:
     merges: list[Merge] = field(default_factory=list)
     new_customers: set[str] = field(default_factory=set)
+    # Customers that gained a userId, anonymousId, email or phone (their runs' CustomerRefs).
+    identified: set[str] = field(default_factory=set)
 
 
 def _ids(e: StoredEvent) -> list[tuple[str, str]]:
@@ -191,6 +193,7 @@ async def resolve_and_apply(conn: asyncpg.Connection, events: list[StoredEvent])
             [(c,) for c in res.new_customers],
         )
     if new_ids:
+        res.identified = {remap.get(c, c) for _, _, c in new_ids}
         await conn.executemany(
             "INSERT INTO identities (kind, value, customer_id) VALUES ($1, $2, $3) "
             "ON CONFLICT DO NOTHING",

@@ -23,6 +23,7 @@ def upgrade() -> None:
                type_=sqlmodel.sql.sqltypes.AutoString(length=32),
                existing_nullable=False)
     op.add_column('journey_runs', sa.Column('failures', sa.Integer(), server_default=sa.text('0'), nullable=False))
+    op.add_column('launches', sa.Column('error', sqlmodel.sql.sqltypes.AutoString(), nullable=True))
     op.create_table('entry_skips',
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('journey_id', sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
@@ -41,6 +42,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_index('ix_entry_skips_customer', table_name='entry_skips')
     op.drop_table('entry_skips')
+    op.drop_column('launches', 'error')
     op.drop_column('journey_runs', 'failures')
     op.alter_column('journey_runs', 'status',
                existing_type=sqlmodel.sql.sqltypes.AutoString(length=32),
