@@ -381,6 +381,7 @@ class EventRouter:
             "AND r.started_at < now() - make_interval(secs => $1) ORDER BY r.started_at LIMIT 500",
             older_than,
         )
+        refs = await load_refs(self.pool, list({r["customer_id"] for r in rows}))
         starts = [
             Start(
                 JourneyDefinition.model_validate(r["definition"], context=RUNTIME),
@@ -388,6 +389,7 @@ class EventRouter:
                 r["enrollment_id"],
                 r["workflow_id"],
                 [JourneyEvent.model_validate(r["entry"])],
+                refs=refs.get(r["customer_id"], []),
             )
             for r in rows
         ]
@@ -599,8 +601,11 @@ class EventRouter:
                 for r in history.starting:
                     pinned = await self._version(journey, r.version)
                     own = [r.entry] if r.entry and r.entry not in relevant else []
+                    refs = (await load_refs(conn, [cid])).get(cid, [])
                     plan.starts.append(
-                        Start(pinned, cid, r.enrollment_id, r.workflow_id, own + relevant)
+                        Start(
+                            pinned, cid, r.enrollment_id, r.workflow_id, own + relevant, refs=refs
+                        )
                     )
                 # A running run gets this customer's entries only along with an event it
                 # reacts to (an entry after its exit is then handed back by the run).

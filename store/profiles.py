@@ -193,12 +193,16 @@ async def resolve_and_apply(conn: asyncpg.Connection, events: list[StoredEvent])
             [(c,) for c in res.new_customers],
         )
     if new_ids:
-        res.identified = {remap.get(c, c) for _, _, c in new_ids}
-        await conn.executemany(
-            "INSERT INTO identities (kind, value, customer_id) VALUES ($1, $2, $3) "
-            "ON CONFLICT DO NOTHING",
-            [(k, v, remap.get(c, c)) for k, v, c in new_ids],
+        # Only identities really added count (an identify repeating a known email adds none).
+        inserted = await conn.fetch(
+            "INSERT INTO identities (kind, value, customer_id) "
+            "SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) "
+            "ON CONFLICT DO NOTHING RETURNING customer_id",
+            [k for k, _, _ in new_ids],
+            [v for _, v, _ in new_ids],
+            [remap.get(c, c) for _, _, c in new_ids],
         )
+        res.identified = {r["customer_id"] for r in inserted}
     if traits:
         await conn.executemany(
             "UPDATE customers SET traits = traits || $2::jsonb, updated_at = now() WHERE id = $1",

@@ -108,7 +108,15 @@ async def test_customer_refs_follow_identify_and_merge_but_not_every_event(desk)
             return await _listed(eng.client, f'CustomerRefs="{r}"') == [handle.id]
 
         await eventually(found, what=f"CustomerRefs={ref}")
+    # Identifying again with what is already known changes nothing: no signal.
+    await eng.send(
+        identify("bob", email="BOB@example.com"), {**identify("bob"), "anonymousId": "anon-7"}
+    )
     assert await _signals(handle, "refs") == 1
+    # A new email is a change.
+    await eng.send(identify("bob", email="robert@example.com"))
+    assert await _signals(handle, "refs") == 2
+    assert "robert@example.com" in (await handle.query(JourneyWorkflow.summary)).customer_refs
 
 
 async def test_held_runs_say_held_in_rest_and_in_journey_status(desk):
