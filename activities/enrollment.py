@@ -27,11 +27,18 @@ from temporalio.common import (
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from core.temporal import CUSTOMER_ID, JOURNEY_ID, JOURNEY_STATUS, JOURNEY_STEP, JOURNEY_VERSION
+from core.temporal import (
+    CUSTOMER_ID,
+    CUSTOMER_REFS,
+    JOURNEY_ID,
+    JOURNEY_STATUS,
+    JOURNEY_STEP,
+    JOURNEY_VERSION,
+)
 from models.conditions import resolve
 from models.durations import parse_duration
 from models.journey import JourneyDefinition
-from models.runtime import JourneyEvent, JourneyRunInput
+from models.runtime import JourneyEvent, JourneyRunInput, customer_refs
 from store.profiles import UnroutableEvent
 from workflows.journey import JourneyWorkflow, workflow_id_for
 
@@ -99,6 +106,23 @@ class Start:
     workflow_id: str
     events: list[JourneyEvent]
     run_id: str | None = None
+    refs: list[str] = field(default_factory=list)  # userIds, emails, anonymousIds
+
+
+async def load_refs(
+    conn: asyncpg.Connection | asyncpg.Pool, customer_ids: list[str]
+) -> dict[str, list[str]]:
+    """Each customer's `CustomerRefs`: userIds, then emails, then anonymousIds (newest first),
+    so the ids operators type survive the cap (`models.runtime.customer_refs`)."""
+    out: dict[str, list[str]] = defaultdict(list)
+    for r in await conn.fetch(
+        "SELECT customer_id, value FROM identities WHERE customer_id = ANY($1::text[]) "
+        "AND kind IN ('user', 'email', 'anonymous') ORDER BY customer_id, "
+        "CASE kind WHEN 'user' THEN 0 WHEN 'email' THEN 1 ELSE 2 END, created_at DESC, value",
+        customer_ids,
+    ):
+        out[r["customer_id"]].append(r["value"])
+    return {cid: customer_refs(values) for cid, values in out.items()}
 
 
 @dataclass
@@ -213,7 +237,8 @@ async def enroll(
     history.starting.append(LiveRun(wid, enrollment, key))
     history.entries += 1
     history.last_started = datetime.now(UTC)
-    return Start(journey, customer_id, enrollment, wid, events)
+    refs = (await load_refs(conn, [customer_id])).get(customer_id, [])
+    return Start(journey, customer_id, enrollment, wid, events, refs=refs)
 
 
 async def start_run(
@@ -277,6 +302,7 @@ async def _start(
             enrollment_id=start.enrollment_id,
             history_limit=history_limit,
             events=events,
+            customer_refs=start.refs,
         ),
         id=start.workflow_id,
         task_queue=task_queue,
@@ -289,6 +315,7 @@ async def _start(
                 SearchAttributePair(JOURNEY_VERSION, journey.version),
                 SearchAttributePair(JOURNEY_STEP, "(start)"),
                 SearchAttributePair(JOURNEY_STATUS, "running"),
+                *([SearchAttributePair(CUSTOMER_REFS, start.refs)] if start.refs else []),
             ]
         ),
         memo={
@@ -297,7 +324,8 @@ async def _start(
             "customer": cid,
             "enrollment": start.enrollment_id,
         },
-        static_summary=f"{journey.name} v{journey.version} for customer {cid}",
+        static_summary=f"{journey.name} v{journey.version} for customer "
+        + (f"{', '.join(start.refs[:2])} ({cid})" if start.refs else cid),
     )
 
 

@@ -260,6 +260,15 @@ class JourneyActivities:
         if row["status"] == "skipped":
             bound.info("send.skipped", reason=row["skip_reason"], channel=row["channel"])
             return result
+        if row["status"] == "failed" and row["skip_reason"] == "template_error":
+            # This attempt's render failed, or a retried attempt of such a send: the step
+            # fails for good, and the stored message says why.
+            error = await self.pool.fetchval("SELECT error FROM messages WHERE id = $1", row["id"])
+            bound.warning("send.template_error", message_id=row["id"], error=error)
+            raise ApplicationError(
+                error or f"step {req.step_id!r}: template error (message {row['id']})",
+                type="TemplateError",
+            )
         if row["status"] not in ("pending", "sending"):
             bound.info("send.duplicate", status=row["status"])
             return result.model_copy(update={"duplicate": True})
@@ -319,12 +328,16 @@ class JourneyActivities:
                     wanted.add(variant)
                     continue
                 parts = rendered[variant]
-                if isinstance(parts, TemplateError):
-                    raise ApplicationError(
-                        f"step {req.step_id!r}: template error: {parts}", type="TemplateError"
-                    ) from parts
                 content = contents[variant]
-                subject, body, html = parts
+                failure: str | None = None
+                if isinstance(parts, TemplateError):
+                    # Stored as a failed message (committed below), so the channel report and
+                    # the customer's messages show it; the step then fails for good.
+                    failure = f"step {req.step_id!r}: template error: {parts}"
+                    subject, body, html = None, "", None
+                    decision = Decision(False, "template_error", decision.address)
+                else:
+                    subject, body, html = parts
                 row = await conn.fetchrow(
                     "INSERT INTO messages (idempotency_key, customer_id, journey_id, "
                     "journey_version, step_id, workflow_id, channel, subject, body, html, "
@@ -343,7 +356,7 @@ class JourneyActivities:
                     subject,
                     body,
                     html,
-                    "pending" if decision.allowed else "skipped",
+                    "failed" if failure else "pending" if decision.allowed else "skipped",
                     req.category,
                     decision.reason,
                     decision.address,
@@ -354,6 +367,10 @@ class JourneyActivities:
                     row = await conn.fetchrow(_SELECT_MESSAGE, req.idempotency_key)
                     assert row is not None
                     return row, False
+                if failure is not None:
+                    await conn.execute(
+                        "UPDATE messages SET error = $2 WHERE id = $1", row["id"], failure[:1000]
+                    )
                 return row, True
         # The profile or the choice kept changing under us: Temporal retries with backoff.
         raise ApplicationError(
@@ -564,8 +581,9 @@ class JourneyActivities:
         status, reason = ("bounced", "hard_bounce") if err.suppress else ("failed", "rejected")
         bound.warning(f"send.{status}", channel=name, code=err.code, error=err.message)
         return SendResult(
-            message_id=row["id"], status=status, reason=reason, duplicate=False, channel=name
-        )
+            message_id=row["id"], status=status, reason=reason, duplicate=False, channel=name,
+            error=str(err)[:500],
+        )  # fmt: skip
 
     async def _contents(self, req: SendRequest) -> dict[str, _Content]:
         """The step's content ("*") and its per-channel variants, stored ones loaded."""
@@ -646,13 +664,14 @@ class JourneyActivities:
     async def record_run_finished(self, done: RunFinished) -> None:
         await self.pool.execute(
             "UPDATE journey_runs SET status = $2, exit_reason = $3, ended_at = now(), "
-            "goal_at = $4, arm = $5, holdout = $6 WHERE enrollment_id = $1",
+            "goal_at = $4, arm = $5, holdout = $6, failures = $7 WHERE enrollment_id = $1",
             done.enrollment_id,
             done.status,
             done.exit_reason,
             done.goal_at,
             done.arm,
             done.holdout,
+            done.failures,
         )
         if done.release:  # after the row says ended, so the router may enter them anew
             await self.release_events(done.release)

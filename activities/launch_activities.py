@@ -104,9 +104,9 @@ class LaunchActivities:
     async def record_launch(self, p: LaunchProgress) -> None:
         await self.pool.execute(
             "INSERT INTO launches (id, journey_id, rate_per_second, page_size, status, enrolled, "
-            "skipped, cursor) VALUES ($1, $2, 0, 0, $3, $4, $5, $6) "
+            "skipped, cursor, error) VALUES ($1, $2, 0, 0, $3, $4, $5, $6, $7) "
             "ON CONFLICT (id) DO UPDATE SET status = $3, enrolled = $4, skipped = $5, "
-            "cursor = $6, updated_at = now(), "
+            "cursor = $6, error = $7, updated_at = now(), "
             "finished_at = CASE WHEN $3 <> 'running' THEN now() END",
             p.launch_id,
             p.journey_id,
@@ -114,6 +114,7 @@ class LaunchActivities:
             p.enrolled,
             p.skipped,
             p.cursor,
+            p.error,
         )
 
     def all(self) -> list[object]:

@@ -72,18 +72,22 @@ from activities.enrollment import (
     Start,
     enroll,
     load_history,
+    load_refs,
     mark_started,
+    refusal,
     rejected,
+    run_key_of,
     slices,
     start_run,
 )
 from models.journey import EventMatch, JourneyDefinition
 from models.loading import RUNTIME
-from models.runtime import JourneyEvent, SteerCommand
+from models.runtime import CustomerRefs, JourneyEvent, SteerCommand
 from store.events import NOTIFY_CHANNEL, dead_letter
 from store.journeys import (
     RoutedJourney,
     record_duplicate_closed,
+    record_not_entered,
     record_run_abandoned,
     routed_journeys,
 )
@@ -203,6 +207,23 @@ class _Plan:
     starts: list[Start] = field(default_factory=list)
     reassign: list[tuple[str, str]] = field(default_factory=list)
     end_duplicates: list[tuple[str, str]] = field(default_factory=list)
+    refs: list[tuple[str, CustomerRefs]] = field(default_factory=list)
+
+
+async def _not_entered_while_paused(
+    conn: asyncpg.Connection,
+    journey: JourneyDefinition,
+    customer_id: str,
+    event: JourneyEvent,
+    history: Any,
+) -> None:
+    """An entry event of a paused journey that would have entered it (no other rule refuses
+    it) is recorded as not entered, never dropped without a trace."""
+    if not journey.entry.matches(event.as_context()):
+        return
+    if refusal(journey, history, run_key_of(journey, event)) is not None:
+        return
+    await record_not_entered(conn, journey, customer_id, event.message_id, event.event, "paused")
 
 
 class EventRouter:
@@ -360,6 +381,7 @@ class EventRouter:
             "AND r.started_at < now() - make_interval(secs => $1) ORDER BY r.started_at LIMIT 500",
             older_than,
         )
+        refs = await load_refs(self.pool, list({r["customer_id"] for r in rows}))
         starts = [
             Start(
                 JourneyDefinition.model_validate(r["definition"], context=RUNTIME),
@@ -367,6 +389,7 @@ class EventRouter:
                 r["enrollment_id"],
                 r["workflow_id"],
                 [JourneyEvent.model_validate(r["entry"])],
+                refs=refs.get(r["customer_id"], []),
             )
             for r in rows
         ]
@@ -547,6 +570,8 @@ class EventRouter:
             plan = await self._plan(conn, events)
             plan.reassign = [(w, m.survivor) for m in resolution.merges for w in m.moved_running]
             plan.end_duplicates = [(w, m.survivor) for m in resolution.merges for w in m.duplicates]
+            changed = resolution.identified | {m.survivor for m in resolution.merges}
+            plan.refs = await self._refs_changed(conn, changed)
         await self._execute(plan)
         async with conn.transaction():
             await mark_started(conn, plan.starts)
@@ -576,8 +601,11 @@ class EventRouter:
                 for r in history.starting:
                     pinned = await self._version(journey, r.version)
                     own = [r.entry] if r.entry and r.entry not in relevant else []
+                    refs = (await load_refs(conn, [cid])).get(cid, [])
                     plan.starts.append(
-                        Start(pinned, cid, r.enrollment_id, r.workflow_id, own + relevant)
+                        Start(
+                            pinned, cid, r.enrollment_id, r.workflow_id, own + relevant, refs=refs
+                        )
                     )
                 # A running run gets this customer's entries only along with an event it
                 # reacts to (an entry after its exit is then handed back by the run).
@@ -591,13 +619,35 @@ class EventRouter:
                         start = await enroll(conn, journey, cid, event, relevant[i:], history)
                         if isinstance(start, Start):
                             plan.starts.append(start)
+                    elif routed.status == "paused":
+                        await _not_entered_while_paused(conn, journey, cid, event, history)
         return plan
+
+    async def _refs_changed(
+        self, conn: asyncpg.Connection, customers: set[str]
+    ) -> list[tuple[str, CustomerRefs]]:
+        """Running runs of customers whose identities changed in this chunk, with their refs
+        now (only those: an event that adds no identity signals nothing)."""
+        if not customers:
+            return []
+        rows = await conn.fetch(
+            "SELECT workflow_id, customer_id FROM journey_runs "
+            "WHERE customer_id = ANY($1::text[]) AND status = 'running'",
+            list(customers),
+        )
+        refs = await load_refs(conn, list({r["customer_id"] for r in rows}))
+        return [
+            (r["workflow_id"], CustomerRefs(customer_id=r["customer_id"],
+                                            refs=refs.get(r["customer_id"], [])))
+            for r in rows
+        ]  # fmt: skip
 
     # -- Temporal calls ----------------------------------------------------------------
     async def _execute(self, plan: _Plan) -> None:
         calls: list[Any] = [self._start(s) for s in plan.starts]
         calls += [self._signal(s) for s in plan.signals]
         calls += [self._reassign(wid, cid) for wid, cid in plan.reassign]
+        calls += [self._send_refs(wid, refs) for wid, refs in plan.refs]
         # The merge is committed (the rows say `exited`); the runs are told in the background,
         # as an exit may wait for a step in flight (a send retrying while its provider is down)
         # and routing must not. `reconcile` repeats it for any that is still running.
@@ -665,6 +715,14 @@ class EventRouter:
             with contextlib.suppress(RPCError):
                 await self.client.get_workflow_handle(workflow_id).signal(
                     JourneyWorkflow.reassign, customer_id
+                )
+
+    async def _send_refs(self, workflow_id: str, refs: CustomerRefs) -> None:
+        """Tell a run its customer's identities (CustomerRefs); a run that has ended is fine."""
+        async with self._sem:
+            with contextlib.suppress(RPCError):
+                await self.client.get_workflow_handle(workflow_id).signal(
+                    JourneyWorkflow.refs, refs
                 )
 
     async def _version(self, current: JourneyDefinition, version: int) -> JourneyDefinition:

@@ -269,6 +269,23 @@ def main() -> None:
         log.info("devstack.stopped")
 
 
+def workflow_list_line(settings: Settings, query: str) -> str:
+    """The exact CLI line an operator pastes to list runs (the venv's `temporal`, this stack's
+    address and namespace): `make dev` prints one, the README shows the same."""
+    address = settings.temporal_address or f"127.0.0.1:{settings.temporal_port}"
+    binary = Path(sys.executable).parent / "temporal"
+    try:
+        shown = str(binary.relative_to(ROOT))
+    except ValueError:
+        shown = str(binary)
+    namespace = (
+        f" --namespace {settings.temporal_namespace}"
+        if settings.temporal_namespace != "default"
+        else ""
+    )
+    return f"{shown} workflow list --address {address}{namespace} --query '{query}'"
+
+
 def _banner(settings: Settings, data: Path, providers: bool) -> None:
     api = f"http://{settings.api_host}:{settings.api_port}"
     ui = (
@@ -282,10 +299,14 @@ def _banner(settings: Settings, data: Path, providers: bool) -> None:
         if providers
         else ""
     )
+    by_customer = workflow_list_line(settings, 'CustomerRefs="u1"')
+    with_failures = workflow_list_line(settings, 'JourneyStatus="completed_with_failures"')
     print(
         f"\n  API docs     {api}/docs\n  Temporal UI  {ui}\n  Write key    "
         f"{settings.journeys_write_key}\n  Admin key    {settings.journeys_admin_key}\n"
         f"{messages}"
+        f"  Runs of a customer (userId, anonymousId or email):\n    {by_customer}\n"
+        f"  Runs that failed a send:\n    {with_failures}\n"
         f"  Try:  curl -u {settings.journeys_write_key}: {api}/v1/track -H "
         '\'content-type: application/json\' -d \'{"userId":"u1","event":"Product Added",'
         '"properties":{"name":"Mug"}}\'\n\n  Ctrl-C (or SIGTERM) stops everything; a worker or '

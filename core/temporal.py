@@ -10,14 +10,24 @@ CUSTOMER_ID = SearchAttributeKey.for_keyword("CustomerId")
 JOURNEY_ID = SearchAttributeKey.for_keyword("JourneyId")
 JOURNEY_VERSION = SearchAttributeKey.for_int("JourneyVersion")
 JOURNEY_STEP = SearchAttributeKey.for_keyword("JourneyStep")
+# running | held | completed | completed_with_failures | exited | failed
 JOURNEY_STATUS = SearchAttributeKey.for_keyword("JourneyStatus")
+# The customer as operators know them: userIds, anonymousIds and emails (CustomerId is ours).
+CUSTOMER_REFS = SearchAttributeKey.for_keyword_list("CustomerRefs")
 
-SEARCH_ATTRIBUTES = [CUSTOMER_ID, JOURNEY_ID, JOURNEY_VERSION, JOURNEY_STEP, JOURNEY_STATUS]
+SEARCH_ATTRIBUTES = [
+    CUSTOMER_ID,
+    JOURNEY_ID,
+    JOURNEY_VERSION,
+    JOURNEY_STEP,
+    JOURNEY_STATUS,
+    CUSTOMER_REFS,
+]
 
 
 def search_attribute_flags() -> list[str]:
     """`--search-attribute Name=Type` flags for `temporal server start-dev`."""
-    kinds = {"KEYWORD": "Keyword", "INT": "Int"}
+    kinds = {"KEYWORD": "Keyword", "INT": "Int", "KEYWORD_LIST": "KeywordList"}
     return [
         f"{k.name}={kinds[k.indexed_value_type.name.removeprefix('INDEXED_VALUE_TYPE_')]}"
         for k in SEARCH_ATTRIBUTES

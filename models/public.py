@@ -9,7 +9,7 @@ from annotated_types import Ge, Le
 from pydantic import BaseModel, ConfigDict, Field
 
 from models.journey import ChannelName
-from models.runtime import SteerRecord, StepRecord
+from models.runtime import RunFailure, SteerRecord, StepRecord
 
 # Integers as PostgreSQL stores them: a path, query or body integer past its column's type is
 # a 400 naming the parameter, not an overflow in the driver (a 500).
@@ -50,6 +50,9 @@ class EventPublic(BaseModel):
     routed: bool
     properties: dict[str, Any]
     traits: dict[str, Any]
+    not_entered: dict[str, str] = Field(
+        default={}, description="journeys this event would have entered, and why it did not"
+    )
 
 
 class MessagePublic(BaseModel):
@@ -107,6 +110,14 @@ class JourneyRunPublic(BaseModel):
     history: list[StepRecord]
     results: dict[str, Any] = {}
     steered: list[SteerRecord] = []
+    failures: int = Field(default=0, description="sends of this run that failed")
+    failed: list[RunFailure] = Field(default=[], description="the last failures, newest last")
+    stale: bool = Field(
+        default=False,
+        description="the live view could not be read from the workflow: this is the stored row "
+        "(no current step, no history); `stale_reason` says why",
+    )
+    stale_reason: str | None = None
 
 
 class VersionPublic(BaseModel):
@@ -128,6 +139,14 @@ class JourneyPublic(BaseModel):
         default_factory=list,
         description="publish answers only: what is valid but probably not meant "
         "(models.validation.warnings)",
+    )
+    runs: dict[str, int] = Field(
+        default={},
+        description="runs by status: running, held (live runs of a paused journey), completed, "
+        "completed_with_failures, exited, failed",
+    )
+    not_entered: dict[str, int] = Field(
+        default={}, description="entry events that did not enter, by reason (e.g. paused)"
     )
 
 
@@ -304,6 +323,11 @@ class StepChannelStats(BaseModel):
     clicked: int
     read: int
     skipped: dict[str, int] = Field(description="skipped sends by reason")
+    failures: dict[str, int] = Field(
+        default={},
+        description="failed sends by reason: template_error, rejected (provider refusal), "
+        "abandoned (run ended outside our code), ...",
+    )
     delivery_rate: float | None
     open_rate: float | None
     click_rate: float | None

@@ -46,7 +46,12 @@ class StepRecord(BaseModel):
     outcome: str | None = None
 
 
-RunStatus = Literal["running", "completed", "exited"]
+# What a run is, as the API and the `JourneyStatus` search attribute say it: `held` is a running
+# run of a paused journey; `completed_with_failures` went to its end with failed sends;
+# `failed` could not go on (a step's activity failed for good).
+RunStatus = Literal["running", "held", "completed", "completed_with_failures", "exited", "failed"]
+REF_LIMIT = 50  # CustomerRefs values per run (search attributes are capped in total size)
+REF_CHARS = 256
 
 
 class SteerCommand(BaseModel):
@@ -65,6 +70,16 @@ class SteerRecord(SteerCommand):
     at: datetime
     from_step: str | None
     from_version: int | None = None
+
+
+class RunFailure(BaseModel):
+    """A send that did not go out for a reason of ours or the provider's (not a skip)."""
+
+    step_id: str
+    channel: str | None = None
+    reason: str
+    error: str | None = None
+    at: datetime
 
 
 class JourneyState(BaseModel):
@@ -105,6 +120,23 @@ class JourneyState(BaseModel):
         default_factory=list, description="ids of events that came after the end, to release"
     )
     steered: list[SteerRecord] = Field(default_factory=list)
+    failures: int = Field(default=0, description="sends that failed (see RunFailure)")
+    failed: list[RunFailure] = Field(
+        default_factory=list, description="the last failures (bounded), newest last"
+    )
+    refs: list[str] = Field(
+        default_factory=list, description="the customer's userIds, anonymousIds, emails"
+    )
+
+
+def customer_refs(values: list[str]) -> list[str]:
+    """The values of `CustomerRefs`: distinct, in order, each short enough for a keyword and
+    at most REF_LIMIT of them (the caller puts userIds and emails first)."""
+    out: list[str] = []
+    for v in values:
+        if isinstance(v, str) and 0 < len(v) <= REF_CHARS and v not in out:
+            out.append(v)
+    return out[:REF_LIMIT]
 
 
 def json_size(value: Any) -> int:
@@ -140,6 +172,9 @@ class JourneyRunInput(BaseModel):
     events: list[JourneyEvent] = Field(
         default_factory=list, description="the entry event and what came with it"
     )
+    customer_refs: list[str] = Field(
+        default_factory=list, description="userIds, anonymousIds, emails known at the start"
+    )
 
 
 class JourneyRunResult(BaseModel):
@@ -149,6 +184,7 @@ class JourneyRunResult(BaseModel):
     steps: list[str]
     continued: int = 0
     steps_dropped: int = Field(default=0, description="steps entered before `steps` starts")
+    failures: int = 0
 
 
 class RunSummary(BaseModel):
@@ -166,6 +202,16 @@ class RunSummary(BaseModel):
     results: dict[str, Any]
     steered: list[SteerRecord] = Field(default_factory=list)
     held: bool = False
+    failures: int = 0
+    failed: list[RunFailure] = Field(default_factory=list)
+    customer_refs: list[str] = Field(default_factory=list)
+
+
+class CustomerRefs(BaseModel):
+    """The `refs` signal: the customer's identities changed (identify, alias, merge)."""
+
+    customer_id: str
+    refs: list[str]
 
 
 class ProfileSnapshot(BaseModel):
@@ -225,6 +271,7 @@ class SendResult(BaseModel):
     # why skipped: no_address | no_consent | suppressed | capped | quiet_hours | holdout
     reason: str | None = None
     channel: str | None = None  # the channel chosen (fallback list / best)
+    error: str | None = None  # failed / bounced: what the provider said
 
 
 class RunFinished(BaseModel):
@@ -238,6 +285,7 @@ class RunFinished(BaseModel):
     arm: str | None = None
     holdout: bool = False
     release: list[str] = Field(default_factory=list, description="event ids to route again")
+    failures: int = 0
 
 
 class ProfileUpdate(BaseModel):
@@ -367,6 +415,7 @@ class LaunchProgress(BaseModel):
     skipped: int
     cursor: str | None
     pages: int
+    error: str | None = Field(default=None, description="why the launch failed, if it did")
 
 
 class PageResult(BaseModel):

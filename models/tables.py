@@ -247,8 +247,14 @@ class JourneyRun(SQLModel, table=True):
     journey_id: str = Field(max_length=64)
     journey_version: int
     customer_id: str = Field(max_length=64)
-    status: str = Field(max_length=16)
+    # starting | running | completed | completed_with_failures | exited | failed | ended
+    status: str = Field(max_length=32)
     exit_reason: str | None = None
+    failures: int = Field(
+        default=0,
+        sa_column_kwargs={"server_default": sa.text("0")},
+        description="sends of the run that failed (template error, provider refusal, bounce)",
+    )
     started_at: datetime | None = _ts()
     ended_at: datetime | None = _ts(nullable=True, default=False)
     goal_at: datetime | None = _ts(nullable=True, default=False)
@@ -258,6 +264,26 @@ class JourneyRun(SQLModel, table=True):
     )
     arm: str | None = Field(default=None, max_length=64)
     holdout: bool = Field(default=False, sa_column_kwargs={"server_default": sa.false()})
+
+
+class EntrySkip(SQLModel, table=True):
+    """An event that would have entered a journey but did not, and why (today: the journey was
+    paused). Written by the router (`store.journeys.record_not_entered`), once per event and
+    journey, so "nobody is dropped silently" holds for entries too."""
+
+    __tablename__ = "entry_skips"
+    __table_args__ = (
+        sa.UniqueConstraint("journey_id", "message_id", name="ux_entry_skips_event"),
+        sa.Index("ix_entry_skips_customer", "customer_id"),
+    )
+    id: int | None = Field(default=None, primary_key=True)
+    journey_id: str = Field(max_length=64)
+    journey_version: int
+    customer_id: str = Field(max_length=64)
+    message_id: str = Field(max_length=512)
+    event: str | None = Field(default=None, max_length=512)
+    reason: str = Field(max_length=32)
+    created_at: datetime | None = _ts()
 
 
 class AppliedEffect(SQLModel, table=True):
@@ -301,7 +327,8 @@ class Launch(SQLModel, table=True):
     audience: dict[str, Any] | None = Field(default=None, sa_column=sa.Column(JSONB, nullable=True))
     rate_per_second: float
     page_size: int
-    status: str = Field(max_length=16, description="running | completed | cancelled")
+    status: str = Field(max_length=16, description="running | completed | cancelled | failed")
+    error: str | None = Field(default=None, description="why the launch failed")
     enrolled: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
     skipped: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
     cursor: str | None = Field(default=None, max_length=64)

@@ -338,3 +338,25 @@ async def record_duplicate_closed(
         f"merged (workflow {outcome})",
     )
     return status != "UPDATE 0"
+
+
+async def record_not_entered(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    journey: JourneyDefinition,
+    customer_id: str,
+    message_id: str,
+    event: str | None,
+    reason: str,
+) -> None:
+    """An event that would have entered `journey` but did not (`reason`: `paused`). Once per
+    event and journey, so an event routed again is not counted twice."""
+    await conn.execute(
+        "INSERT INTO entry_skips (journey_id, journey_version, customer_id, message_id, event, "
+        "reason) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (journey_id, message_id) DO NOTHING",
+        journey.id,
+        journey.version,
+        customer_id,
+        message_id,
+        event,
+        reason,
+    )

@@ -89,6 +89,8 @@ class Merge:
 class Resolution:
     merges: list[Merge] = field(default_factory=list)
     new_customers: set[str] = field(default_factory=set)
+    # Customers that gained a userId, anonymousId, email or phone (their runs' CustomerRefs).
+    identified: set[str] = field(default_factory=set)
 
 
 def _ids(e: StoredEvent) -> list[tuple[str, str]]:
@@ -191,11 +193,16 @@ async def resolve_and_apply(conn: asyncpg.Connection, events: list[StoredEvent])
             [(c,) for c in res.new_customers],
         )
     if new_ids:
-        await conn.executemany(
-            "INSERT INTO identities (kind, value, customer_id) VALUES ($1, $2, $3) "
-            "ON CONFLICT DO NOTHING",
-            [(k, v, remap.get(c, c)) for k, v, c in new_ids],
+        # Only identities really added count (an identify repeating a known email adds none).
+        inserted = await conn.fetch(
+            "INSERT INTO identities (kind, value, customer_id) "
+            "SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) "
+            "ON CONFLICT DO NOTHING RETURNING customer_id",
+            [k for k, _, _ in new_ids],
+            [v for _, v, _ in new_ids],
+            [remap.get(c, c) for _, _, c in new_ids],
         )
+        res.identified = {r["customer_id"] for r in inserted}
     if traits:
         await conn.executemany(
             "UPDATE customers SET traits = traits || $2::jsonb, updated_at = now() WHERE id = $1",

@@ -33,7 +33,7 @@ pytest_plugins = ["tests.receiver", "tests.smtp", "tests.providers"]
 TABLES = (
     "events, identities, customers, messages, journey_runs, journey_versions, journeys, "
     "applied_effects, tasks, launches, subscriptions, suppressions, template_versions, templates, "
-    "send_rate_windows, api_keys, audit_log, dead_letters, erasures"
+    "send_rate_windows, api_keys, audit_log, dead_letters, erasures, entry_skips"
 )
 
 # The suite runs with the built-in development secrets (core.settings.require_secrets), and so

@@ -5,10 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from temporalio import workflow
+from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
     from core.temporal import (
         CUSTOMER_ID,
+        CUSTOMER_REFS,
         JOURNEY_ID,
         JOURNEY_STATUS,
         JOURNEY_STEP,
@@ -17,16 +19,19 @@ with workflow.unsafe.imports_passed_through():
     from models.durations import parse_duration
     from models.journey import JourneyDefinition
     from models.runtime import (
+        CustomerRefs,
         JourneyEvent,
         JourneyRunInput,
         JourneyRunResult,
         JourneyState,
+        RunFailure,
         RunFinished,
         RunSummary,
         SteerCommand,
         SteerRecord,
         StepRecord,
         TaskClosed,
+        customer_refs,
         fit,
     )
     from workflows.steps import (
@@ -47,6 +52,12 @@ BOUNDED_STATE = "journey-bounded-state"
 HISTORY_KEEP = 100  # step records kept; older ones are counted in `history_dropped`
 RESULT_BYTES = 16 * 1024  # per `results.<step>`, as JSON; larger parts become a marker
 HISTORY_BYTES_LIMIT = 2 * 1024 * 1024  # continue-as-new once the history is this large
+# What operators see: `JourneyStatus` says held / completed_with_failures / failed, a step whose
+# activity fails for good ends the run as `failed` (recorded) instead of failing the workflow,
+# `CustomerRefs` is upserted, timer and activity summaries name the step. Runs started before
+# this patch replay their recorded commands unchanged.
+VISIBLE_STATUS = "journey-visible-status"
+FAILURES_KEEP = 20  # failure records kept in the state (all are counted in `failures`)
 
 
 def workflow_id_for(journey_id: str, customer_id: str, run_key: str | None = None) -> str:
@@ -67,8 +78,10 @@ class JourneyWorkflow:
         )
         if inp.state is None:
             self.state.pending.extend(inp.events)
+            self.state.refs = customer_refs(inp.customer_refs)
         self.outcome: str | None = None
         self.bounded = False  # set at the start of `run`: see BOUNDED_STATE
+        self.visible = False  # set at the start of `run`: see VISIBLE_STATUS
 
     # -- signals, queries -------------------------------------------------------------
     @workflow.signal
@@ -77,9 +90,36 @@ class JourneyWorkflow:
 
     @workflow.signal
     def hold(self, held: bool) -> None:
-        """The journey was paused (True) or resumed (False)."""
+        """The journey was paused (True) or resumed (False). Kept for callers and histories
+        from before `pause_run` / `resume_run`, which name the two apart in the timeline."""
         self.state.held = held
         self.publish_position()
+
+    @workflow.signal
+    def pause_run(self) -> None:
+        """The journey was paused: hold before the next step until `resume_run`."""
+        self.state.held = True
+        self.publish_position()
+
+    @workflow.signal
+    def resume_run(self) -> None:
+        """The journey was resumed (or archived with `finish`): go on."""
+        self.state.held = False
+        self.publish_position()
+
+    @workflow.signal
+    def refs(self, refs: CustomerRefs) -> None:
+        """The customer's identities changed (an identify or alias added one, a merge moved
+        this run): keep `CustomerRefs` (and `CustomerId`) current for operators' queries."""
+        self.customer_id = refs.customer_id
+        self.state.refs = customer_refs(refs.refs)
+        workflow.upsert_search_attributes(
+            [
+                CUSTOMER_ID.value_set(self.customer_id),
+                CUSTOMER_REFS.value_set(self.state.refs),
+            ]
+        )
+        self.publish_details()
 
     @workflow.signal
     def task_closed(self, closed: TaskClosed) -> None:
@@ -128,7 +168,7 @@ class JourneyWorkflow:
             journey_id=self.journey.id,
             version=self.journey.version,
             customer_id=self.customer_id,
-            status=self.state.status,
+            status=self.display_status(),
             step_id=self.state.step_id,
             step_deadline=self.state.step_deadline,
             exit_reason=self.state.exit_reason,
@@ -137,13 +177,22 @@ class JourneyWorkflow:
             results=self.state.results,
             steered=self.state.steered,
             held=self.state.held,
+            failures=self.state.failures,
+            failed=self.state.failed,
+            customer_refs=self.state.refs,
         )
+
+    def display_status(self) -> str:
+        """`held` for a running run of a paused journey; otherwise the run's own status."""
+        st = self.state
+        return "held" if st.held and st.status == "running" else st.status
 
     # -- the interpreter --------------------------------------------------------------
     @workflow.run
     async def run(self, inp: JourneyRunInput) -> JourneyRunResult:
         st = self.state
         self.bounded = workflow.patched(BOUNDED_STATE)
+        self.visible = workflow.patched(VISIBLE_STATUS)
         if inp.state is None:
             self._take_entry()
             self._enter(self.journey.steps[0].id)
@@ -184,10 +233,18 @@ class JourneyWorkflow:
                 continue
             step = self.journey.step(st.step_id)
             self.outcome = None
-            target = await HANDLERS[step.kind](self, step)
+            try:
+                target = await HANDLERS[step.kind](self, step)
+            except ActivityError as err:
+                if not self.visible:
+                    raise  # recorded histories failed the workflow here
+                self._fail(step.id, err)
+                continue
             if target == STAY:
                 continue
             self._enter(None if target == END else target)
+        if self.visible and st.status == "completed" and st.failures:
+            st.status = "completed_with_failures"
         self._close_step()
         self._bound_state()
         st.step_id = None  # the history keeps where the run ended
@@ -209,6 +266,7 @@ class JourneyWorkflow:
                 arm=st.arm,
                 holdout=st.holdout,
                 release=release,
+                failures=st.failures,
             ),
             start_to_close_timeout=DB_ACTIVITY_TIMEOUT,
             retry_policy=ACTIVITY_RETRY,
@@ -232,6 +290,7 @@ class JourneyWorkflow:
             steps=[h.step_id for h in st.history],
             continued=st.continued,
             steps_dropped=st.history_dropped,
+            failures=st.failures,
         )
 
     # -- helpers used by step handlers -------------------------------------------------
@@ -246,6 +305,38 @@ class JourneyWorkflow:
     def exit(self, reason: str) -> None:
         self.state.status = "exited"
         self.state.exit_reason = reason
+
+    def record_failure(
+        self, step_id: str, reason: str, *, channel: str | None = None, error: str | None = None
+    ) -> None:
+        """Count a send that failed (the run ends `completed_with_failures`, not `completed`)."""
+        st = self.state
+        st.failures += 1
+        st.failed.append(
+            RunFailure(
+                step_id=step_id,
+                channel=channel,
+                reason=reason,
+                error=error[:500] if error else None,
+                at=workflow.now(),
+            )
+        )
+        del st.failed[:-FAILURES_KEEP]
+        self._log("journey.step_failed", step=step_id, reason=reason, channel=channel)
+
+    def label(self, step_id: str, text: str) -> str:
+        """A timer's or activity's summary in the UI: which step it belongs to."""
+        return f"{step_id}: {text}" if self.visible else text
+
+    def _fail(self, step_id: str, err: ActivityError) -> None:
+        """A step's activity failed for good (retries used up or not retryable) and the step
+        has no way around it: the run ends `failed`, recorded, instead of the workflow
+        failing with nothing written."""
+        cause = err.cause or err
+        self.state.status = "failed"
+        self.state.exit_reason = f"step {step_id!r}: {cause}"[:1000]
+        self.outcome = "failed"
+        self._log("journey.failed", step=step_id, error=str(cause))
 
     def continue_as_new_due(self) -> bool:
         info = workflow.info()
@@ -393,24 +484,37 @@ class JourneyWorkflow:
         self.publish_position()
         self._log("journey.step", step=step_id, kind=step.kind)
 
+    def _step_label(self) -> str:
+        st = self.state
+        return st.step_id or ("(finished)" if st.status != "running" else "(start)")
+
     def publish_position(self) -> None:
         st = self.state
-        step = st.step_id or ("(finished)" if st.status != "running" else "(start)")
-        workflow.upsert_search_attributes(
-            [
-                CUSTOMER_ID.value_set(self.customer_id),
-                JOURNEY_ID.value_set(self.journey.id),
-                JOURNEY_VERSION.value_set(self.journey.version),
-                JOURNEY_STEP.value_set(step),
-                JOURNEY_STATUS.value_set(st.status),
-            ]
-        )
+        attributes = [
+            CUSTOMER_ID.value_set(self.customer_id),
+            JOURNEY_ID.value_set(self.journey.id),
+            JOURNEY_VERSION.value_set(self.journey.version),
+            JOURNEY_STEP.value_set(self._step_label()),
+            JOURNEY_STATUS.value_set(self.display_status() if self.visible else st.status),
+        ]
+        if self.visible and st.refs:
+            attributes.append(CUSTOMER_REFS.value_set(st.refs))
+        workflow.upsert_search_attributes(attributes)
+        self.publish_details()
+
+    def publish_details(self) -> None:
+        """The run's current details in the UI: the customer as operators know them."""
+        st = self.state
         until = f" until {st.step_deadline.isoformat()}" if st.step_deadline else ""
         reason = f" ({st.exit_reason})" if st.exit_reason else ""
-        reason += " · held (journey paused)" if st.held else ""
+        reason += " · journey paused" if st.held and st.status == "running" else ""
+        failed = f" · failed sends: {st.failures}" if st.failures else ""
+        known = ", ".join(f"`{r}`" for r in st.refs[:3])
+        who = f"{known} (id `{self.customer_id}`)" if known else f"`{self.customer_id}`"
         workflow.set_current_details(
-            f"**{self.journey.name}** v{self.journey.version} · customer `{self.customer_id}`\n\n"
-            f"status: {st.status}{reason} · step: `{step}`{until} · sends: {st.send_seq}"
+            f"**{self.journey.name}** v{self.journey.version} · customer {who}\n\n"
+            f"status: {self.display_status()}{reason} · step: `{self._step_label()}`{until}"
+            f" · sends: {st.send_seq}{failed}"
         )
 
     def _log(self, msg: str, **fields: Any) -> None:

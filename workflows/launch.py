@@ -12,6 +12,7 @@ import contextlib
 from datetime import timedelta
 
 from temporalio import workflow
+from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
     from models.runtime import AudiencePage, LaunchInput, LaunchProgress, PageResult
@@ -20,6 +21,10 @@ with workflow.unsafe.imports_passed_through():
 PAGES_PER_RUN = 200  # continue-as-new after this many pages
 # Launches recorded before this patch slept through a cancel; their histories keep that path.
 CANCEL_WAKES_RATE_WAIT = "launch-cancel-wakes-rate-wait"
+# A page that fails for good (journey no longer active, audience no longer valid) ends the
+# launch as `failed` with its error, recorded, instead of failing the workflow while the
+# launches row still says `running`. Launches recorded before this patch failed as they did.
+FAILURE_RECORDED = "launch-failure-recorded"
 
 
 @workflow.defn(name="LaunchWorkflow")
@@ -32,6 +37,7 @@ class LaunchWorkflow:
             self.inp.launch_id = f"{workflow.info().workflow_id}"[-64:]
         self.status = "running"
         self.cancelled = False
+        self.error: str | None = None
 
     @workflow.signal
     def cancel(self) -> None:
@@ -47,6 +53,7 @@ class LaunchWorkflow:
             skipped=self.inp.skipped,
             cursor=self.inp.cursor,
             pages=self.inp.pages,
+            error=self.error,
         )
 
     @workflow.run
@@ -56,22 +63,15 @@ class LaunchWorkflow:
             await self._record()
         pages_this_run = 0
         while not self.cancelled:
-            page = await workflow.execute_activity(
-                "enroll_audience_page",
-                AudiencePage(
-                    launch_id=s.launch_id,
-                    journey_id=s.journey_id,
-                    audience=s.audience,
-                    after=s.cursor,
-                    limit=s.page_size,
-                ),
-                result_type=PageResult,
-                start_to_close_timeout=timedelta(minutes=5),
-                # A page held by a worker that died is retried within seconds.
-                heartbeat_timeout=timedelta(seconds=5),
-                retry_policy=ACTIVITY_RETRY,
-                summary=f"page after {s.cursor or 'start'}",
-            )
+            try:
+                page = await self._page()
+            except ActivityError as err:
+                if not workflow.patched(FAILURE_RECORDED):
+                    raise
+                self.status = "failed"
+                self.error = f"page after {s.cursor or 'start'}: {err.cause or err}"[:1000]
+                await self._record()
+                return self.progress()
             if page.count == 0:
                 break
             s.enrolled += page.enrolled
@@ -97,6 +97,25 @@ class LaunchWorkflow:
         self.status = "cancelled" if self.cancelled else "completed"
         await self._record()
         return self.progress()
+
+    async def _page(self) -> PageResult:
+        s = self.inp
+        return await workflow.execute_activity(
+            "enroll_audience_page",
+            AudiencePage(
+                launch_id=s.launch_id,
+                journey_id=s.journey_id,
+                audience=s.audience,
+                after=s.cursor,
+                limit=s.page_size,
+            ),
+            result_type=PageResult,
+            start_to_close_timeout=timedelta(minutes=5),
+            # A page held by a worker that died is retried within seconds.
+            heartbeat_timeout=timedelta(seconds=5),
+            retry_policy=ACTIVITY_RETRY,
+            summary=f"page after {s.cursor or 'start'}",
+        )
 
     async def _record(self) -> None:
         await workflow.execute_activity(

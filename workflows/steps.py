@@ -62,6 +62,11 @@ DB_ACTIVITY_TIMEOUT = timedelta(seconds=10)
 # A provider call has its own timeout (PROVIDER_TIMEOUT, SMTP_TIMEOUT, 10 s by default).
 SEND_TIMEOUT = timedelta(seconds=30)
 
+# Send outcomes that are failures (not skips): the provider refused, the address bounced.
+FAILED_SENDS = ("failed", "bounced")
+# Activity error types of a send, as a failure reason (the channel report uses the same words).
+_FAILURE_REASONS = {"TemplateError": "template_error", "InvalidRequest": "invalid_request"}
+
 ACTIVITY_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1),
     backoff_coefficient=2.0,
@@ -116,7 +121,7 @@ async def wait(run: JourneyWorkflow, step: WaitStep) -> str:
             result_type=WaitResolution,
             start_to_close_timeout=DB_ACTIVITY_TIMEOUT,
             retry_policy=ACTIVITY_RETRY,
-            summary="resolve wait",
+            summary=run.label(step.id, "resolve wait"),
         )
         run.state.results[step.id] = {
             "until": resolved.deadline.isoformat() if resolved.deadline else None,
@@ -127,7 +132,7 @@ async def wait(run: JourneyWorkflow, step: WaitStep) -> str:
             return _after(run, step, step.next)
         run.state.step_deadline = resolved.deadline
         run.publish_position()
-    label = f"wait {step.duration or step.at or step.until}"
+    label = run.label(step.id, f"wait {step.duration or step.at or step.until}")
     if await _wait_until_deadline(run, lambda: bool(run.state.pending), label):
         return _after(run, step, step.next)
     return STAY
@@ -168,7 +173,11 @@ async def wait_for(run: JourneyWorkflow, step: WaitForStep) -> str:
                 run.outcome = outcome.event or outcome.type
                 return _after(run, step, outcome.next)
     if await _wait_until_deadline(
-        run, lambda: bool(run.state.pending), f"wait_for {step.id} (timeout {step.timeout})"
+        run,
+        lambda: bool(run.state.pending),
+        run.label(step.id, f"wait_for (timeout {step.timeout})")
+        if run.visible
+        else f"wait_for {step.id} (timeout {step.timeout})",
     ):
         run.state.results[step.id] = {"outcome": "timeout"}
         run.outcome = "timeout"
@@ -183,7 +192,7 @@ async def branch(run: JourneyWorkflow, step: BranchStep) -> str:
         result_type=ProfileSnapshot,
         start_to_close_timeout=DB_ACTIVITY_TIMEOUT,
         retry_policy=ACTIVITY_RETRY,
-        summary="profile for branch",
+        summary=run.label(step.id, "profile for branch"),
     )
     ctx = {**run.context(), "profile": profile.as_context()}
     for i, case in enumerate(step.cases):
@@ -211,7 +220,7 @@ async def _quiet_until(run: JourneyWorkflow, step: SendStep) -> str | None:
             result_type=WaitResolution,
             start_to_close_timeout=DB_ACTIVITY_TIMEOUT,
             retry_policy=ACTIVITY_RETRY,
-            summary="quiet hours",
+            summary=run.label(step.id, "quiet hours"),
         )
         mark["quiet_until"] = resolved.deadline.isoformat() if resolved.deadline else None
         if resolved.deadline is not None and step.quiet_hours.mode == "wait":
@@ -219,7 +228,7 @@ async def _quiet_until(run: JourneyWorkflow, step: SendStep) -> str | None:
             run.publish_position()
     if mark["quiet_until"] is None or step.quiet_hours.mode == "skip":
         return None
-    if await _wait_until_deadline(run, lambda: bool(st.pending), "quiet hours"):
+    if await _wait_until_deadline(run, lambda: bool(st.pending), run.label(step.id, "quiet hours")):
         return None
     return STAY
 
@@ -268,12 +277,15 @@ async def send(run: JourneyWorkflow, step: SendStep) -> str:
             result_type=SendResult,
             start_to_close_timeout=SEND_TIMEOUT,
             retry_policy=ACTIVITY_RETRY,
-            summary=f"send {'/'.join(step.channels)}",
+            summary=run.label(step.id, f"send {'/'.join(step.channels)}"),
         )
     except ActivityError as err:
-        # A send that cannot succeed (bad template) is recorded; the journey goes on.
-        run.state.results[step.id] = {"status": "failed", "error": str(err.cause or err)}
+        # A send that cannot succeed (bad template) is recorded and counted; the journey goes on.
+        cause = err.cause or err
+        run.state.results[step.id] = {"status": "failed", "error": str(cause)}
         run.outcome = "failed"
+        reason = getattr(cause, "type", None) or type(cause).__name__
+        run.record_failure(step.id, _FAILURE_REASONS.get(reason, reason), error=str(cause))
         return _after(run, step, step.next)
     run.state.results[step.id] = {
         **run.state.results.get(step.id, {}),
@@ -283,6 +295,10 @@ async def send(run: JourneyWorkflow, step: SendStep) -> str:
         **({"reason": result.reason} if result.reason else {}),
     }
     run.outcome = f"skipped: {result.reason}" if result.status == "skipped" else result.status
+    if result.status in FAILED_SENDS:
+        run.record_failure(
+            step.id, result.reason or result.status, channel=result.channel, error=result.error
+        )
     return _after(run, step, step.next)
 
 
@@ -346,7 +362,7 @@ async def update_profile(run: JourneyWorkflow, step: UpdateProfileStep) -> str:
         ),
         start_to_close_timeout=DB_ACTIVITY_TIMEOUT,
         retry_policy=ACTIVITY_RETRY,
-        summary="update profile",
+        summary=run.label(step.id, "update profile"),
     )
     return _after(run, step, step.next)
 
@@ -358,7 +374,7 @@ async def score(run: JourneyWorkflow, step: ScoreStep) -> str:
         result_type=ScoreResult,
         start_to_close_timeout=timedelta(seconds=60),
         retry_policy=ACTIVITY_RETRY,
-        summary=f"score {step.model}",
+        summary=run.label(step.id, f"score {step.model}"),
     )
     run.state.results[step.id] = {"model": result.model, "score": result.score, **result.details}
     run.outcome = f"{result.score:g}"
@@ -396,7 +412,7 @@ async def webhook(run: JourneyWorkflow, step: WebhookStep) -> str:
             result_type=WebhookResult,
             start_to_close_timeout=timedelta(seconds=step.timeout_seconds + 5),
             retry_policy=WEBHOOK_RETRY,
-            summary=f"{step.method} {step.url}",
+            summary=run.label(step.id, f"{step.method} {step.url}"),
         )
     except ActivityError as err:
         # Retries exhausted (provider down) or a template error: take the error branch.
@@ -434,7 +450,7 @@ async def handoff(run: JourneyWorkflow, step: HandoffStep) -> str:
             result_type=TaskCreated,
             start_to_close_timeout=timedelta(seconds=30),
             retry_policy=ACTIVITY_RETRY,
-            summary=f"hand-off to {step.queue}",
+            summary=run.label(step.id, f"hand-off to {step.queue}"),
         )
         task = created.task_id
         st.results[step.id] = {"task_id": task, "queue": step.queue}
@@ -456,7 +472,7 @@ async def handoff(run: JourneyWorkflow, step: HandoffStep) -> str:
     closed = lambda: str(task) in st.closed_tasks  # noqa: E731
     if not closed():
         if st.step_deadline is not None:
-            label = f"task {task} (timeout {step.timeout})"
+            label = run.label(step.id, f"task {task} (timeout {step.timeout})")
             if await _wait_until_deadline(run, lambda: bool(st.pending) or closed(), label):
                 st.results[step.id]["outcome"] = "timeout"
                 run.outcome = "timeout"

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 
 from fastapi import APIRouter, Query
 from pydantic import Field
-from temporalio.client import WorkflowUpdateFailedError
-from temporalio.service import RPCError
+from temporalio.client import WorkflowQueryFailedError, WorkflowUpdateFailedError
+from temporalio.service import RPCError, RPCStatusCode
 
 from api.deps import AdminDep, PoolDep, TemporalDep
 from api.errors import ApiError
@@ -28,6 +29,9 @@ from workflows.journey import JourneyWorkflow
 router = APIRouter(prefix="/v1/customers", tags=["customers"], dependencies=[AdminDep])
 
 Limit = Query(100, ge=1, le=1000)
+# How long the live view waits for a run's `summary` query (a worker must replay the run to
+# answer) before it shows the stored row, marked `stale`.
+QUERY_TIMEOUT = timedelta(seconds=3)
 
 
 async def _customer_id(pool: PoolDep, ref: str) -> str:
@@ -87,6 +91,17 @@ async def get_events(
         )
         for r in rows
     ]
+    skips = await pool.fetch(
+        "SELECT message_id, journey_id, reason FROM entry_skips WHERE customer_id = $1 "
+        "AND message_id = ANY($2::text[])",
+        cid,
+        [e.message_id for e in items],
+    )
+    by_event: dict[str, dict[str, str]] = {}
+    for s in skips:
+        by_event.setdefault(s["message_id"], {})[s["journey_id"]] = s["reason"]
+    for e in items:
+        e.not_entered = by_event.get(e.message_id, {})
     return EventPage(items=items, next_before=items[-1].id if len(items) == limit else None)
 
 
@@ -119,6 +134,7 @@ async def get_journeys(ref: str, pool: PoolDep, temporal: TemporalDep) -> list[J
 
     async def describe(row: dict) -> JourneyRunPublic:
         summary: RunSummary | None = None
+        stale: str | None = None
         try:
             if row["enrollment_id"] in latest:
                 # By workflow id: the run as it is now, after any continue-as-new.
@@ -127,9 +143,18 @@ async def get_journeys(ref: str, pool: PoolDep, temporal: TemporalDep) -> list[J
                 # An earlier enrollment under the same id: its first execution is the one
                 # still addressable by itself.
                 handle = temporal.get_workflow_handle(row["workflow_id"], run_id=row["run_id"])
-            summary = await handle.query(JourneyWorkflow.summary)
-        except RPCError:
-            summary = None  # history gone (retention) or unreachable: the stored row stands
+            summary = await handle.query(JourneyWorkflow.summary, rpc_timeout=QUERY_TIMEOUT)
+        except RPCError as err:
+            # The stored row stands, and says so: its step and history are not known here.
+            if err.status == RPCStatusCode.NOT_FOUND:
+                stale = "workflow history no longer kept (retention)"
+            elif err.status in (RPCStatusCode.DEADLINE_EXCEEDED, RPCStatusCode.CANCELLED):
+                stale = f"the run did not answer within {QUERY_TIMEOUT.total_seconds():g}s"
+                stale += " (no worker, or a busy one)"
+            else:
+                stale = f"the run could not be asked: {err.message}"
+        except WorkflowQueryFailedError as err:
+            stale = f"the run could not answer: {err}"
         return JourneyRunPublic(
             journey_id=row["journey_id"],
             version=row["journey_version"],
@@ -144,6 +169,10 @@ async def get_journeys(ref: str, pool: PoolDep, temporal: TemporalDep) -> list[J
             history=summary.history if summary else [],
             results=summary.results if summary else {},
             steered=summary.steered if summary else [],
+            failures=summary.failures if summary else row["failures"],
+            failed=summary.failed if summary else [],
+            stale=summary is None,
+            stale_reason=stale,
         )
 
     return list(await asyncio.gather(*(describe(dict(r)) for r in rows)))

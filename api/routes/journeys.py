@@ -58,7 +58,14 @@ SELECT j.id, j.name, j.status, j.current_version, v.definition, j.draft IS NOT N
                   'live_runs', (SELECT count(*) FROM journey_runs r WHERE r.journey_id = j.id
                                 AND r.journey_version = x.version AND r.status = 'running'))
                   ORDER BY x.version)
-                 FROM journey_versions x WHERE x.journey_id = j.id), '[]') AS versions
+                 FROM journey_versions x WHERE x.journey_id = j.id), '[]') AS versions,
+       coalesce((SELECT json_object_agg(s.status, s.n) FROM (
+                  SELECT CASE WHEN r.status = 'running' AND j.status = 'paused' THEN 'held'
+                              ELSE r.status END AS status, count(*) AS n
+                  FROM journey_runs r WHERE r.journey_id = j.id GROUP BY 1) s), '{}') AS runs,
+       coalesce((SELECT json_object_agg(k.reason, k.n) FROM (
+                  SELECT reason, count(*) AS n FROM entry_skips e WHERE e.journey_id = j.id
+                  GROUP BY 1) k), '{}') AS not_entered
 FROM journeys j
 LEFT JOIN journey_versions v ON v.journey_id = j.id AND v.version = j.current_version
 """
@@ -99,7 +106,13 @@ async def enroll_customer(
     `idempotency_key`: a repeat answers 200 with the same enrollment; a new one 201."""
     defn = next((d for d in await active_definitions(pool) if d.id == journey_id), None)
     if defn is None:
-        raise ApiError(404, "not_found", f"no active journey {journey_id!r}")
+        status = await pool.fetchval("SELECT status FROM journeys WHERE id = $1", journey_id)
+        if status is None or status == "draft":
+            raise ApiError(404, "not_found", f"no active journey {journey_id!r}")
+        action = "resume it to enroll" if status == "paused" else "it takes no entries"
+        raise ApiError(
+            409, f"journey_{status}", f"journey_id: journey {journey_id!r} is {status}; {action}"
+        )
     cid = await find_customer(pool, body.customer)
     if cid is None:
         raise ApiError(404, "not_found", f"customer: no customer {body.customer!r}")
@@ -272,7 +285,9 @@ def _exit(reason: str) -> Any:
 
 
 def _hold(held: bool) -> Any:
-    return lambda h: h.signal(JourneyWorkflow.hold, held)
+    """Pause or resume a run: two signals, so the Temporal timeline says which."""
+    signal = JourneyWorkflow.pause_run if held else JourneyWorkflow.resume_run
+    return lambda h: h.signal(signal)
 
 
 @router.post("/{journey_id}/pause", response_model=LifecycleResult)
@@ -355,7 +370,7 @@ async def migrate_runs(
                 summary = await handle.query(JourneyWorkflow.summary)
             except RPCError:
                 return row, None
-        return row, summary.step_id if summary.status == "running" else None
+        return row, summary.step_id if summary.status in ("running", "held") else None
 
     placed = await asyncio.gather(*(position(r) for r in rows))
     would: dict[str, int] = {}

@@ -49,6 +49,27 @@ class LaunchPublic(BaseModel):
     page_size: int
     created_at: datetime
     finished_at: datetime | None
+    error: str | None = Field(default=None, description="why the launch failed (`failed`)")
+    failed_sends: int = Field(
+        default=0, description="sends to the customers it enrolled that failed (so far)"
+    )
+    failed_runs: int = Field(
+        default=0, description="its runs that ended completed_with_failures or failed"
+    )
+
+
+# What happened to the runs a launch enrolled: their enrollment ids end in `:launch:<id>`.
+_LAUNCH_FAILURES = """
+WITH runs AS (
+  SELECT workflow_id, status, started_at FROM journey_runs
+  WHERE journey_id = $2 AND enrollment_id LIKE '%:launch:' || $1
+)
+SELECT (SELECT count(*) FROM runs WHERE status IN ('completed_with_failures', 'failed'))
+         AS failed_runs,
+       (SELECT count(*) FROM messages m JOIN runs r ON r.workflow_id = m.workflow_id
+        WHERE m.journey_id = $2 AND m.status IN ('failed', 'bounced')
+          AND m.created_at >= r.started_at) AS failed_sends
+"""
 
 
 class ScheduleRequest(LaunchRequest):
@@ -118,6 +139,8 @@ async def get_launch(launch_id: str, pool: PoolDep, temporal: TemporalDep) -> La
     if row is None:
         raise ApiError(404, "not_found", f"no launch {launch_id!r}")
     out = LaunchPublic.model_validate(dict(row))
+    figures = await pool.fetchrow(_LAUNCH_FAILURES, launch_id, out.journey_id)
+    out = out.model_copy(update=dict(figures))
     if out.status == "running":
         try:  # live figures between two recorded pages
             live = await temporal.get_workflow_handle(f"launch-{launch_id}").query(

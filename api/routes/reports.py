@@ -27,6 +27,12 @@ WHERE journey_id = $1 AND NOT test AND status = 'skipped'
   AND ($2::int IS NULL OR journey_version = $2)
 GROUP BY 1, 2, 3
 """
+_FAILURES = """
+SELECT step_id, channel, coalesce(skip_reason, 'error') AS reason, count(*) AS n FROM messages
+WHERE journey_id = $1 AND NOT test AND status = 'failed'
+  AND ($2::int IS NULL OR journey_version = $2)
+GROUP BY 1, 2, 3
+"""
 
 
 def _rate(part: int, whole: int) -> float | None:
@@ -40,12 +46,16 @@ async def channel_report(
     version: Int32 | None = Query(None, ge=1, description="one version; default all"),
 ) -> ChannelReport:
     """Per send step and channel: messages, sent, delivered, opened, clicked, read, bounced,
-    and skipped by reason; rates are over sent messages."""
+    failed (and `failures` by reason: template_error, rejected, ...), and skipped by reason;
+    rates are over sent messages."""
     if not await pool.fetchval("SELECT 1 FROM journeys WHERE id = $1", journey_id):
         raise ApiError(404, "not_found", f"journey_id: no journey {journey_id!r}")
     skips: dict[tuple[str, str], dict[str, int]] = {}
     for r in await pool.fetch(_SKIPS, journey_id, version):
         skips.setdefault((r["step_id"], r["channel"]), {})[r["skip_reason"] or "unknown"] = r["n"]
+    failures: dict[tuple[str, str], dict[str, int]] = {}
+    for r in await pool.fetch(_FAILURES, journey_id, version):
+        failures.setdefault((r["step_id"], r["channel"]), {})[r["reason"]] = r["n"]
     rows = []
     for r in await pool.fetch(_FUNNEL, journey_id, version):
         sent = r["sent"] + r["bounced"]  # handed to the provider
@@ -53,6 +63,7 @@ async def channel_report(
             StepChannelStats(
                 **dict(r),
                 skipped=skips.get((r["step_id"], r["channel"]), {}),
+                failures=failures.get((r["step_id"], r["channel"]), {}),
                 delivery_rate=_rate(r["delivered"], sent),
                 open_rate=_rate(r["opened"], sent),
                 click_rate=_rate(r["clicked"], sent),

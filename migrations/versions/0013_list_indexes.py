@@ -6,7 +6,7 @@ run of the journey (every customer): ~40 ms a page at 300,000 rows, growing with
 Built CONCURRENTLY: writes (routing, enrolment) go on while they build.
 
 Revision ID: 0013
-Revises: 0012 (the coordinator renumbers this if another 0013 lands first)
+Revises: 0012
 Create Date: 2026-12-02 06:05:00
 """
 

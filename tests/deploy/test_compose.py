@@ -17,7 +17,14 @@ from core.embedded import find_binary
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
-SEARCH_ATTRIBUTES = ["CustomerId", "JourneyId", "JourneyVersion", "JourneyStep", "JourneyStatus"]
+SEARCH_ATTRIBUTES = [
+    "CustomerId",
+    "JourneyId",
+    "JourneyVersion",
+    "JourneyStep",
+    "JourneyStatus",
+    "CustomerRefs",
+]
 SCHEMA_JOB = "temporal-schema"
 SETUP_JOB = "temporal-setup"
 

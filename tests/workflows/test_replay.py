@@ -18,14 +18,14 @@ from temporalio.client import WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
-from models.runtime import JourneyRunResult
+from models.runtime import CustomerRefs, JourneyRunResult
 from tests.harness import Engine, engine, identify, track
 from workflows.journey import JourneyWorkflow, workflow_id_for
 from workflows.launch import LaunchWorkflow
 
 HISTORIES = Path(__file__).resolve().parent.parent / "histories"
 # The directory new recordings go to; a new one per release that changes workflow code.
-RELEASE = "r3-bounded-state"
+RELEASE = "r4-visible-status"
 RECORDED = sorted(HISTORIES.glob("*/*.json"))
 
 # Step kinds the examples do not use, in one journey: update_profile, webhook, goto, exit.
@@ -127,6 +127,36 @@ async def test_fresh_histories_of_the_examples_replay(db, ts_env, receiver, capl
     save(histories)
 
 
+# What the `journey-visible-status` patch adds, in one run: a failed send, a pause and a
+# resume (pause_run / resume_run), the customer's refs changing, completed_with_failures.
+VISIBLE_TOUR: dict[str, Any] = {
+    "id": "visible_tour",
+    "name": "Visible tour",
+    "entry": {"event": "Tour Started"},
+    "steps": [
+        {"id": "oops", "kind": "send", "template": {"body": "{{ profile.n + 1 }}"}},
+        {"id": "nap", "kind": "wait", "duration": "1h"},
+        {"id": "fine", "kind": "send", "template": {"body": "hello"}},
+    ],
+}
+
+
+async def test_fresh_histories_of_visible_runs_replay(db, ts_env):
+    async with engine(db, ts_env) as eng:
+        await eng.publish(VISIBLE_TOUR)
+        await eng.send(identify("v1", email="v1@example.com", n="x"), track("v1", "Tour Started"))
+        handle = await eng.run("visible_tour", "v1")
+        cid = await eng.customer("v1")
+        await handle.signal(JourneyWorkflow.pause_run)
+        await handle.signal(JourneyWorkflow.refs, CustomerRefs(customer_id=cid, refs=["v1", "v"]))
+        await handle.signal(JourneyWorkflow.resume_run)
+        result = await eng.result(handle)
+        assert (result.status, result.failures) == ("completed_with_failures", 1)
+        history = await handle.fetch_history()
+    await replayer().replay_workflow(history)
+    save({"visible_tour": history})
+
+
 @pytest.mark.parametrize("path", RECORDED, ids=lambda p: f"{p.parent.name}/{p.stem}")
 async def test_recorded_history_replays(path: Path):
     """Every history of every release replays with the current workflow code."""
@@ -136,6 +166,7 @@ async def test_recorded_history_replays(path: Path):
 
 def test_recorded_histories_of_each_release_exist():
     releases = {p.parent.name for p in RECORDED}
-    assert {"r1-1d619a8", "r2-138417b", RELEASE} <= releases
+    assert {"r1-1d619a8", "r2-138417b", "r3-bounded-state", RELEASE} <= releases
+    assert "visible_tour" in {p.stem for p in RECORDED if p.parent.name == RELEASE}
     names = {p.stem for p in RECORDED if p.parent.name == "r2-138417b"}
     assert {"cart_recovery_reminders", "win_back_lapsed", "kinds_tour"} <= names
