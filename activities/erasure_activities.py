@@ -49,6 +49,9 @@ STEER_TIMEOUT = timedelta(seconds=10)
 # in one attempt (workflows.erase gives the activity a heartbeat timeout).
 DELETE_POLL = timedelta(milliseconds=500)
 DELETE_WAIT = timedelta(seconds=90)
+# The API starts the workflow before its erasure row commits: the first step waits this long
+# for the row, then ends the workflow doing nothing (the API's commit failed; it answered 503).
+ORPHAN_WAIT = timedelta(minutes=5)
 
 
 def _quoted(values: list[str]) -> str:
