@@ -31,8 +31,8 @@ from core.settings import Settings
 from models.privacy import ErasureInput, ErasureOutcome, FinishErasure, RunsEnded
 from models.runtime import RunSummary
 from models.segment import parse_event
-from store.erasure import hashed_address, start_erasure
 from store import feedback
+from store.erasure import hashed_address, start_erasure
 from store.events import store_events
 from tests.conftest import eventually
 from tests.e2e.conftest import WRITE_KEY as STACK_WRITE_KEY
@@ -245,7 +245,7 @@ async def test_erasure_leaves_nothing_but_a_hashed_suppression(privacy_desk):
     assert refusal == "suppressed"
 
     # A later event for the same userId makes a fresh profile, and the old address stays
-    # opted out: the new run's email is skipped as suppressed.
+    # opted out of marketing: the new run's (marketing) email is skipped for want of consent.
     old_events = {r["message_id"] for r in await eng.pool.fetch("SELECT message_id FROM events")}
     later = [_identify(user, email=email), track(user, "Signed Up")]
     await eng.send(*later)
@@ -263,7 +263,7 @@ async def test_erasure_leaves_nothing_but_a_hashed_suppression(privacy_desk):
 
     first = await eventually(skipped, within=30, what="the fresh profile's first send")
     assert (first["channel"], first["status"], first["skip_reason"]) == (
-        "email", "skipped", "suppressed"
+        "email", "skipped", "no_consent"
     )  # fmt: skip
 
 
@@ -645,9 +645,7 @@ async def test_no_merge_touches_a_customer_while_their_erasure_runs(privacy_desk
     await eng.send(_identify(keeper, last_name="Keep"))
     kept = await eng.customer(keeper)
     async with eng.pool.acquire() as conn, conn.transaction():
-        row, _ = await start_erasure(
-            conn, erased, requested_by="test", source="api", mode="erase"
-        )
+        row, _ = await start_erasure(conn, erased, requested_by="test", source="api", mode="erase")
     await eng.send(_identify(keeper, anon, city="Oslo"))  # would merge the erased into kept
     await eng.send(_identify(user, f"nm-other-{tag}"))  # a fresh visitor id: joins erased
     merged = {r["id"]: r["merged_into"] for r in await eng.pool.fetch(
