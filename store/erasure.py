@@ -436,16 +436,20 @@ async def export_rows(conn: Conn, customer_id: str) -> dict[str, Any]:
         ids,
     )
     pairs = sorted(await addresses(conn, ids))
+    # Plain and hashed rows (a hashed one an erasure kept for someone earlier at this
+    # address blocks them too), shown with the address they are about.
     suppressions = []
     for channel, address in pairs:
-        row = await conn.fetchrow(
+        rows = await conn.fetch(
             "SELECT channel, address, reason, created_at FROM suppressions "
-            "WHERE channel = $1 AND address = ANY($2::text[])",
+            "WHERE channel = $1 AND address = ANY($2::text[]) ORDER BY address",
             channel,
             suppression_keys(channel, address),
         )
-        if row is not None:
-            suppressions.append({**dict(row), "address": address})
+        suppressions += [
+            {**dict(r), "address": address, "hashed": r["address"].startswith(HASH_PREFIX)}
+            for r in rows
+        ]
     return {
         "merged_ids": [i for i in ids if i != customer_id],
         "events": [dict(r) for r in events],

@@ -504,10 +504,12 @@ async def test_hashed_opt_outs_block_only_what_the_person_opted_out_of(privacy_d
 
     policy = ContactPolicy([])
 
-    async def refusal(channel: str, category: str, address: str) -> str | None:
+    async def refusal(
+        channel: str, category: str, address: str, customer_id: str = "fresh"
+    ) -> str | None:
         async with eng.pool.acquire() as conn:
             return await policy.refusal(
-                conn, customer_id="fresh", channel=channel, category=category,
+                conn, customer_id=customer_id, channel=channel, category=category,
                 topic="marketing", address=address,
             )  # fmt: skip
 
@@ -515,6 +517,16 @@ async def test_hashed_opt_outs_block_only_what_the_person_opted_out_of(privacy_d
     assert await refusal("email", "marketing", email.lower()) == "no_consent"
     assert await refusal("email", "transactional", email.lower()) is None
     assert await refusal("sms", "transactional", "+15550104242") == "suppressed"
+    # A later profile at that address that opts in itself gets marketing again.
+    await eng.send(_identify(f"ho3-{tag}", email=email))
+    r = await api.put(
+        f"/v1/customers/ho3-{tag}/subscriptions",
+        json={"channel": "email", "topic": "marketing", "status": "subscribed"},
+        headers=ADMIN,
+    )
+    assert r.status_code == 200, r.text
+    fresh = await eng.customer(f"ho3-{tag}")
+    assert await refusal("email", "marketing", email.lower(), fresh) is None
 
     # START (store.feedback.unsuppress) lifts the hashed STOP.
     async with eng.pool.acquire() as conn:
