@@ -2,7 +2,8 @@
 and topic, an address on the channel, the suppression list, and frequency caps across all
 journeys. A per-customer advisory lock serialises decisions, so two journeys racing for the
 last slot of a cap cannot both win; caps count messages in the database, never in memory.
-Transactional messages skip consent and caps (not suppression, not a channel-wide opt-out)."""
+Transactional messages skip consent and caps (not suppression, not a channel-wide opt-out),
+and the marketing opt-out an erased customer's address keeps."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Any
 import asyncpg
 
 from models.durations import parse_duration
-from store.erasure import suppression_keys
+from store.feedback import MARKETING_OPT_OUT, suppression_reasons
 from store.profiles import lock_contact
 
 # Where each channel's address lives on the profile.
@@ -124,12 +125,10 @@ class ContactPolicy:
     ) -> str | None:
         """Suppression and consent (not caps): checked when a send is reserved, and again
         right before it goes out, since a retried send may wait for hours."""
-        # Plain, or hashed: an erased customer's opted-out address stays blocked (store.erasure).
-        if address is not None and await conn.fetchval(
-            "SELECT 1 FROM suppressions WHERE channel = $1 AND address = ANY($2::text[])",
-            channel,
-            suppression_keys(channel, address),
-        ):
+        # Plain, or hashed: an erased customer's suppressed address stays blocked, and their
+        # topic opt-out stays a marketing opt-out of the address (store.erasure).
+        blocked = await suppression_reasons(conn, channel, address) if address else set()
+        if blocked - {MARKETING_OPT_OUT}:
             return "suppressed"
         rows = await conn.fetch(
             "SELECT topic, status FROM subscriptions WHERE customer_id = $1 AND channel = $2 "
@@ -145,5 +144,9 @@ class ContactPolicy:
             return "no_consent"
         if category == "transactional":
             return None
-        status = said.get(topic) or said.get("*") or self.consent_default
+        # A kept marketing opt-out stands in for the default; a choice this profile made
+        # (after the erasure, so newer) wins over it.
+        status = said.get(topic) or said.get("*")
+        if status is None:
+            status = "unsubscribed" if blocked else self.consent_default
         return None if status == "subscribed" else "no_consent"

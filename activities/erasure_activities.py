@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 from temporalio import activity
@@ -32,10 +32,13 @@ from models.privacy import (
 )
 from models.runtime import SteerCommand
 from store.erasure import (
+    current_customer_ids,
     erase_customer,
+    erasure_recorded,
     erasure_targets,
     finish_erasure,
-    live_run_workflow_ids,
+    live_runs,
+    mark_runs_erased,
     remember_workflows,
 )
 from workflows.journey import JourneyWorkflow
@@ -49,6 +52,13 @@ STEER_TIMEOUT = timedelta(seconds=10)
 # in one attempt (workflows.erase gives the activity a heartbeat timeout).
 DELETE_POLL = timedelta(milliseconds=500)
 DELETE_WAIT = timedelta(seconds=90)
+# The API starts the workflow before its erasure row commits: the first step waits this long
+# for the row, then ends the workflow doing nothing (the API's commit failed; it answered 503).
+ORPHAN_WAIT = timedelta(minutes=5)
+# The delete step holds routing off only while it reads and deletes rows: runs an event
+# started meanwhile are ended outside the lock, then it looks again, at most this many times
+# per attempt (then the attempt fails and is retried, with backoff).
+DELETE_PASSES = 5
 
 
 def _quoted(values: list[str]) -> str:
@@ -117,14 +127,31 @@ class ErasureActivities:
     # -- activities --------------------------------------------------------------------
     @activity.defn
     async def end_customer_runs(self, inp: ErasureInput) -> RunsEnded:
-        """End every live journey run of the customer (steer exit, then delete)."""
-        ids, _, mode = await erasure_targets(self.pool, inp.erasure_id)
+        """End every live journey run of the customer (steer exit, then delete).
+
+        The API starts the workflow just before it commits the erasure's row: a row not
+        there yet is waited for (the attempt fails and is retried); one still missing after
+        ORPHAN_WAIT never will be (the API's commit failed and it answered 503), and the
+        workflow ends having found nothing to do."""
+        if not await erasure_recorded(self.pool, inp.erasure_id):
+            waited = datetime.now(UTC) - activity.info().scheduled_time
+            if waited > ORPHAN_WAIT:
+                log.warning("erasure.never_recorded", erasure_id=inp.erasure_id)
+                return RunsEnded()
+            raise ApplicationError(
+                "erasure_id: no erasure record yet; waiting for its commit",
+                type="ErasureNotRecorded",
+            )
+        _, _, mode = await erasure_targets(self.pool, inp.erasure_id)
+        ids = await current_customer_ids(self.pool, inp.erasure_id)
         if not ids or mode == "suppress":
             return RunsEnded()
-        live = set(await live_run_workflow_ids(self.pool, ids))
+        rows = await live_runs(self.pool, ids)
+        live = set(rows.values())
         live |= {w for w, _ in await self._executions(ids, [], running_only=True)}
         await remember_workflows(self.pool, inp.erasure_id, sorted(live))
         outcomes = await asyncio.gather(*(self._end_run(w, inp.erasure_id) for w in sorted(live)))
+        await mark_runs_erased(self.pool, list(rows))
         return RunsEnded(
             found=len(live),
             exited=outcomes.count("exited"),
@@ -133,22 +160,36 @@ class ErasureActivities:
 
     @activity.defn
     async def erase_customer_data(self, inp: ErasureInput) -> DataErased:
-        """Delete their rows, in one transaction with routing held off; runs started for them
-        since `end_customer_runs` (an event routed meanwhile) are deleted first."""
-        ids, _, mode = await erasure_targets(self.pool, inp.erasure_id)
-        if not ids:
-            return DataErased()
-        async with self.pool.acquire() as conn, conn.transaction():
-            # Taken here (erase_customer takes it again, re-entrant) so that no chunk starts a
-            # run for them between the look-up below and the deletion.
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", CHUNK_LOCK)
-            if mode != "suppress":
-                late = set(await live_run_workflow_ids(conn, ids))
-                late |= {w for w, _ in await self._executions(ids, [], running_only=True)}
-                await remember_workflows(conn, inp.erasure_id, sorted(late))
-                for workflow_id in sorted(late):
-                    await self._delete(workflow_id)
-            return await erase_customer(conn, inp.erasure_id, ids, mode, router_lock=CHUNK_LOCK)
+        """Delete their rows in one transaction with routing held off (the router's chunk
+        lock). Under the lock it only reads and deletes rows: if an event started a run for
+        them since `end_customer_runs`, it commits, deletes those executions with the lock
+        released (a slow Temporal must not stall everyone's routing), and looks again."""
+        for _ in range(DELETE_PASSES):
+            async with self.pool.acquire() as conn, conn.transaction():
+                # Held to the commit: no chunk is routed (no merge, no run started) between
+                # the look-ups below and the deletion. erase_customer takes it again.
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", CHUNK_LOCK)
+                _, _, mode = await erasure_targets(conn, inp.erasure_id)
+                ids = await current_customer_ids(conn, inp.erasure_id)
+                if not ids:
+                    return DataErased()
+                late = {} if mode == "suppress" else await live_runs(conn, ids)
+                if not late:
+                    return await erase_customer(
+                        conn, inp.erasure_id, ids, mode, router_lock=CHUNK_LOCK
+                    )
+                await remember_workflows(conn, inp.erasure_id, sorted(set(late.values())))
+            # Lock released: Temporal calls may take their time.
+            for workflow_id in sorted(set(late.values())):
+                await self._delete(workflow_id)
+            await mark_runs_erased(self.pool, list(late))
+            running = await self._executions(ids, [], running_only=True)
+            for workflow_id, run_id in sorted(running):
+                await self._delete(workflow_id, run_id)
+        raise ApplicationError(
+            f"runs kept starting for the customer ({DELETE_PASSES} passes); trying again",
+            type="ErasureRunsStarting",
+        )
 
     @activity.defn
     async def delete_customer_executions(self, inp: ErasureInput) -> ExecutionsDeleted:

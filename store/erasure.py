@@ -2,12 +2,17 @@
 
 Erasure deletes every row that holds the customer (their id and the ids merged into it) and
 keeps two things, both hashed: the erasure record (who asked, when, sha256 of the customer id
-and of the refs that named them, so a repeated request is recognised), and suppressions of
-the addresses that were opted out or suppressed, so an opted-out address stays opted out.
+and of the refs that named them, so a repeated request is recognised), and what the person
+asked for or a provider reported about their addresses: real suppressions (bounce, complaint,
+STOP, manual) and channel-wide opt-outs block the hashed address on that channel; a topic
+opt-out becomes a marketing opt-out of it (transactional mail still goes).
 
 The deletion runs in one transaction holding the router's chunk lock: no chunk of events is
 being routed meanwhile, so an event is either routed before (to the old profile, and deleted
-with it) or after (to a fresh profile with nothing of the old one).
+with it) or after (to a fresh profile with nothing of the old one). The customer ids are
+computed again in that transaction, following `merged_into` both ways: a merge the router made
+before it could see the request (the only window: while an erasure runs, `store.profiles`
+makes no merge that involves its customers) moved rows to a survivor or brought a loser's.
 """
 
 from __future__ import annotations
@@ -20,13 +25,21 @@ import asyncpg
 
 from core.logs import get_logger
 from models.privacy import DataErased, ErasureMode
-from store.feedback import normalize_address
+from store.feedback import (
+    HASH_PREFIX,
+    MARKETING_OPT_OUT,
+    SMS_KEYWORD_SOURCE,
+    hashed_address,
+    normalize_address,
+    suppression_keys,
+)
+
+__all__ = ["HASH_PREFIX", "hashed_address", "suppression_keys"]  # kept for their importers
 
 log = get_logger("erasure")
 
 Conn = asyncpg.Connection | asyncpg.Pool
 
-HASH_PREFIX = "sha256:"
 # Where a channel's address lives on a profile (as activities.contact_policy.ADDRESS_TRAIT) and
 # in identities.
 _TRAIT_CHANNEL = {"email": "email", "phone": "sms", "push_token": "push"}
@@ -35,19 +48,6 @@ _IDENTITY_CHANNEL = {"email": "email", "phone": "sms"}
 
 def sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def hashed_address(channel: str, address: str) -> str:
-    """The form an erased customer's suppressed address is kept in `suppressions`.
-
-    Unpeppered: the contact policy must compute it from an address alone, and there is no
-    pepper setting yet (adding one later means re-hashing these rows)."""
-    return HASH_PREFIX + sha256(f"{channel}:{normalize_address(channel, address)}")
-
-
-def suppression_keys(channel: str, address: str) -> list[str]:
-    """Every `suppressions.address` that blocks this address: plain and hashed."""
-    return [normalize_address(channel, address), hashed_address(channel, address)]
 
 
 def ref_hashes(refs: list[str]) -> list[str]:
@@ -66,8 +66,11 @@ async def start_erasure(
 ) -> tuple[asyncpg.Record, bool]:
     """The running erasure of this customer, or a new one. Returns (row, created)."""
     await conn.execute("SELECT pg_advisory_xact_lock(hashtext('erasure:' || $1))", customer_id)
+    # Also one that took this customer in later (a merge it found while deleting).
     row = await conn.fetchrow(
-        "SELECT * FROM erasures WHERE customer_id = $1 AND status = 'running'", customer_id
+        "SELECT * FROM erasures WHERE status = 'running' "
+        "AND (customer_id = $1 OR $1 = ANY(customer_ids)) ORDER BY requested_at LIMIT 1",
+        customer_id,
     )
     if row is not None:
         return row, False
@@ -101,6 +104,11 @@ async def erasure_for_ref(conn: Conn, ref: str) -> asyncpg.Record | None:
         "ORDER BY requested_at DESC LIMIT 1",
         ref_hashes([ref]),
     )
+
+
+async def erasure_recorded(conn: Conn, erasure_id: str) -> bool:
+    """Whether the erasure's row is committed (the API starts its workflow just before)."""
+    return bool(await conn.fetchval("SELECT 1 FROM erasures WHERE id = $1", erasure_id))
 
 
 async def erasure_targets(conn: Conn, erasure_id: str) -> tuple[list[str], list[str], str]:
@@ -144,6 +152,43 @@ async def customer_ids(conn: Conn, customer_id: str) -> list[str]:
     return [r["id"] for r in rows] or [customer_id]
 
 
+async def current_customer_ids(conn: Conn, erasure_id: str) -> list[str]:
+    """The running erasure's customer ids as they are now, stored back on its row: the ids
+    it started with, the customers they were merged into, and every customer merged into
+    any of those (to a fixed point). Merges happen under the router's chunk lock: call with
+    it held for an answer that stays true until the transaction ends."""
+    ids = set((await erasure_targets(conn, erasure_id))[0])
+    if not ids:
+        return []
+    while True:
+        rows = await conn.fetch(
+            "SELECT id, merged_into FROM customers "
+            "WHERE id = ANY($1::text[]) OR merged_into = ANY($1::text[])",
+            sorted(ids),
+        )
+        found = ids | {r["id"] for r in rows} | {r["merged_into"] for r in rows if r["merged_into"]}
+        if found == ids:
+            break
+        ids = found
+    await conn.execute(
+        "UPDATE erasures SET customer_ids = ARRAY(SELECT DISTINCT unnest("
+        "customer_ids || $2::varchar[])) WHERE id = $1",
+        erasure_id,
+        sorted(ids),
+    )
+    return sorted(ids)
+
+
+async def customers_under_erasure(conn: Conn, customer_ids: list[str]) -> set[str]:
+    """Which of these customers a running erasure (one that deletes) is about to delete."""
+    rows = await conn.fetch(
+        "SELECT DISTINCT c FROM erasures, unnest(customer_ids) AS c "
+        "WHERE status = 'running' AND mode <> 'suppress' AND c = ANY($1::varchar[])",
+        customer_ids,
+    )
+    return {r["c"] for r in rows}
+
+
 async def _refs(conn: Conn, ids: list[str]) -> list[str]:
     rows = await conn.fetch(
         "SELECT value FROM identities WHERE customer_id = ANY($1::text[]) "
@@ -160,13 +205,26 @@ async def run_workflow_ids(conn: Conn, ids: list[str]) -> list[str]:
     return [r["workflow_id"] for r in rows]
 
 
-async def live_run_workflow_ids(conn: Conn, ids: list[str]) -> list[str]:
+async def live_runs(conn: Conn, ids: list[str]) -> dict[str, str]:
+    """enrollment id → workflow id of their runs still `starting` or `running`."""
     rows = await conn.fetch(
-        "SELECT DISTINCT workflow_id FROM journey_runs WHERE customer_id = ANY($1::text[]) "
-        "AND status IN ('starting', 'running')",
+        "SELECT enrollment_id, workflow_id FROM journey_runs WHERE customer_id = ANY($1::text[]) "
+        "AND status IN ('starting', 'running') ORDER BY enrollment_id",
         ids,
     )
-    return [r["workflow_id"] for r in rows]
+    return {r["enrollment_id"]: r["workflow_id"] for r in rows}
+
+
+async def mark_runs_erased(conn: Conn, enrollment_ids: list[str]) -> None:
+    """Their executions are deleted: the rows say so (`exited`, reason `erased`), so nothing
+    starts them again (the router restarts `starting` rows) and the delete step sees no live
+    run left. The rows themselves go with the customer's data."""
+    await conn.execute(
+        "UPDATE journey_runs SET status = 'exited', exit_reason = 'erased', "
+        "ended_at = coalesce(ended_at, now()) "
+        "WHERE enrollment_id = ANY($1::text[]) AND status IN ('starting', 'running')",
+        enrollment_ids,
+    )
 
 
 async def addresses(conn: Conn, ids: list[str]) -> set[tuple[str, str]]:
@@ -289,17 +347,26 @@ async def erase_customer(
 async def _keep_hashed_suppressions(
     conn: asyncpg.Connection, ids: list[str], mode: ErasureMode
 ) -> int:
-    """Suppressed addresses, and addresses on a channel the customer unsubscribed from, stay
-    blocked as hashes; plain suppressions of the customer's addresses go. With a SUPPRESS
-    regulation every address is blocked."""
-    unsubscribed = {
-        r["channel"]
-        for r in await conn.fetch(
-            "SELECT DISTINCT channel FROM subscriptions WHERE customer_id = ANY($1::text[]) "
-            "AND status = 'unsubscribed'",
-            ids,
-        )
-    }
+    """Keep, hashed, what blocks the customer's addresses, and drop their plain suppressions.
+
+    Per address and channel, the strongest of: its suppression (its reason: hard_bounce,
+    complaint, stop, manual); an opt-out of the whole channel (topic `*`: `stop` if an SMS
+    STOP made it, so a START lifts it, else `opted_out`); with a SUPPRESS regulation,
+    `regulation`; an opt-out of some topic: `unsubscribed`, which blocks marketing sends only
+    (store.feedback.MARKETING_OPT_OUT). A weaker hashed row already there is strengthened."""
+    channel_wide: dict[str, str] = {}
+    topic_level: set[str] = set()
+    for r in await conn.fetch(
+        "SELECT channel, topic, source FROM subscriptions WHERE customer_id = ANY($1::text[]) "
+        "AND status = 'unsubscribed' ORDER BY channel, topic, source",
+        ids,
+    ):
+        if r["topic"] != "*":
+            topic_level.add(r["channel"])
+        elif channel_wide.get(r["channel"]) != "stop":
+            channel_wide[r["channel"]] = (
+                "stop" if r["source"] == SMS_KEYWORD_SOURCE else "opted_out"
+            )
     kept = 0
     for channel, address in sorted(await addresses(conn, ids)):
         plain, hashed = suppression_keys(channel, address)
@@ -308,19 +375,23 @@ async def _keep_hashed_suppressions(
             channel,
             plain,
         )
-        if reason is None and channel in unsubscribed:
-            reason = "unsubscribed"
+        if reason is None:
+            reason = channel_wide.get(channel)
         if reason is None and mode != "erase":
             reason = "regulation"
+        if reason is None and channel in topic_level:
+            reason = MARKETING_OPT_OUT
         if reason is None:
             continue
         kept += _n(
             await conn.execute(
                 "INSERT INTO suppressions (channel, address, reason) VALUES ($1, $2, $3) "
-                "ON CONFLICT DO NOTHING",
+                "ON CONFLICT (channel, address) DO UPDATE SET reason = EXCLUDED.reason "
+                "WHERE suppressions.reason = $4 AND EXCLUDED.reason <> $4",
                 channel,
                 hashed,
                 reason,
+                MARKETING_OPT_OUT,
             )
         )
     return kept
@@ -365,16 +436,20 @@ async def export_rows(conn: Conn, customer_id: str) -> dict[str, Any]:
         ids,
     )
     pairs = sorted(await addresses(conn, ids))
+    # Plain and hashed rows (a hashed one an erasure kept for someone earlier at this
+    # address blocks them too), shown with the address they are about.
     suppressions = []
     for channel, address in pairs:
-        row = await conn.fetchrow(
+        rows = await conn.fetch(
             "SELECT channel, address, reason, created_at FROM suppressions "
-            "WHERE channel = $1 AND address = ANY($2::text[])",
+            "WHERE channel = $1 AND address = ANY($2::text[]) ORDER BY address",
             channel,
             suppression_keys(channel, address),
         )
-        if row is not None:
-            suppressions.append({**dict(row), "address": address})
+        suppressions += [
+            {**dict(r), "address": address, "hashed": r["address"].startswith(HASH_PREFIX)}
+            for r in rows
+        ]
     return {
         "merged_ids": [i for i in ids if i != customer_id],
         "events": [dict(r) for r in events],

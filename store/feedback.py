@@ -126,6 +126,36 @@ def normalize_address(channel: str, address: str) -> str:
     return address.strip()
 
 
+# An erased customer's suppressions and opt-outs are kept under this hashed form of the address
+# (store.erasure): `sha256:` + hex sha256 of `channel:normalised address`.
+HASH_PREFIX = "sha256:"
+_HASHED = re.compile(r"sha256:[0-9a-f]{64}")
+# A hashed row with this reason is a topic-level opt-out of an erased customer: it blocks
+# marketing sends to the address, not transactional ones. Every other reason blocks all sends.
+MARKETING_OPT_OUT = "unsubscribed"
+# The `source` of the `*` opt-out an inbound SMS STOP writes (api.routes.providers._SOURCE).
+SMS_KEYWORD_SOURCE = "sms_keyword"
+
+
+def hashed_address(channel: str, address: str) -> str:
+    """The hashed key of an address in `suppressions`.
+
+    Unpeppered: the contact policy must compute it from an address alone, and there is no
+    pepper setting yet (adding one later means re-hashing these rows)."""
+    digest = hashlib.sha256(f"{channel}:{normalize_address(channel, address)}".encode())
+    return HASH_PREFIX + digest.hexdigest()
+
+
+def suppression_keys(channel: str, address: str) -> list[str]:
+    """Every `suppressions.address` that stands for this address: plain and hashed. A hashed
+    key itself (as `GET /v1/suppressions` lists it) stands only for itself: normalising it as
+    a phone number would strip it to its digits."""
+    key = address.strip().lower()
+    if _HASHED.fullmatch(key):
+        return [key]
+    return [normalize_address(channel, address), hashed_address(channel, address)]
+
+
 async def emit_event(
     conn: asyncpg.Connection,
     customer_id: str,
@@ -299,14 +329,37 @@ async def suppress(conn: asyncpg.Connection, channel: str, address: str, reason:
 
 async def unsuppress(conn: asyncpg.Connection, channel: str, address: str, reason: str) -> bool:
     """Lift a suppression, only if it was made for `reason` (a START lifts a STOP, never a hard
-    bounce or a complaint). Returns whether one was lifted."""
+    bounce or a complaint), plain or hashed (a STOP of an erased customer's number is kept
+    hashed). Returns whether one was lifted."""
     status = await conn.execute(
-        "DELETE FROM suppressions WHERE channel = $1 AND address = $2 AND reason = $3",
+        "DELETE FROM suppressions WHERE channel = $1 AND address = ANY($2::text[]) AND reason = $3",
         channel,
-        normalize_address(channel, address),
+        suppression_keys(channel, address),
         reason,
     )
     return status != "DELETE 0"
+
+
+async def remove_suppression(conn: Conn, channel: str, address: str) -> int:
+    """Lift every suppression of this address, plain and hashed, whatever its reason (an
+    operator's removal). Returns how many rows went."""
+    status = await conn.execute(
+        "DELETE FROM suppressions WHERE channel = $1 AND address = ANY($2::text[])",
+        channel,
+        suppression_keys(channel, address),
+    )
+    return int(status.split()[-1])
+
+
+async def suppression_reasons(conn: Conn, channel: str, address: str) -> set[str]:
+    """Reasons this address is blocked for (plain and hashed rows); empty: not blocked.
+    `MARKETING_OPT_OUT` alone blocks only marketing sends."""
+    rows = await conn.fetch(
+        "SELECT reason FROM suppressions WHERE channel = $1 AND address = ANY($2::text[])",
+        channel,
+        suppression_keys(channel, address),
+    )
+    return {r["reason"] for r in rows}
 
 
 # Same expression and predicate as the partial index ix_customers_phone, so it is used.

@@ -25,6 +25,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import asyncpg
 
+from store.erasure import customers_under_erasure
+
 
 @dataclass
 class StoredEvent:
@@ -155,9 +157,9 @@ async def resolve_and_apply(conn: asyncpg.Connection, events: list[StoredEvent])
         else:
             # The survivor is the customer of the userId when there is one.
             cid = known[0]
-            for other in dict.fromkeys(known[1:]):
-                if other != cid:
-                    await _merge(conn, loser=other, survivor=cid, owner=owner, res=res)
+            others = [o for o in dict.fromkeys(known[1:]) if o != cid]
+            for other in await _mergeable(conn, cid, others):
+                await _merge(conn, loser=other, survivor=cid, owner=owner, res=res)
         for k in keys:
             attach(k, cid)
         e.customer_id = cid
@@ -342,6 +344,23 @@ async def _merge(
             duplicates=[r["workflow_id"] for r in duplicate],
         )
     )
+
+
+# -- merges and running erasures ---------------------------------------------------------------
+async def _mergeable(conn: asyncpg.Connection, survivor: str, losers: list[str]) -> list[str]:
+    """The losers that may merge into `survivor`: none if a running erasure is deleting the
+    survivor, and never one it is deleting. Such a merge would move the erased person's rows
+    to a profile the erasure does not delete, or another profile's rows into the deletion.
+    The event goes to its userId's customer unmerged, and the erased ids stay with the erased
+    customer until they are deleted with it; an event naming them afterwards finds them free.
+    (A merge routed before the erasure's row was committed is found by the erasure itself:
+    `store.erasure.current_customer_ids`.)"""
+    if not losers:
+        return []
+    held = await customers_under_erasure(conn, [survivor, *losers])
+    if survivor in held:
+        return []
+    return [o for o in losers if o not in held]
 
 
 async def lock_contact(conn: asyncpg.Connection, customer_id: str) -> None:

@@ -5,8 +5,9 @@ idempotent activity retried until it succeeds. The order matters:
 
 1. end the customer's journey runs (steer exit between steps, then delete the execution, which
    terminates it if it is still open), so no send is half done when their data goes;
-2. delete their rows in one transaction with event routing held off (runs an event started
-   meanwhile are deleted first), keeping only hashed suppressions;
+2. delete their rows in one transaction with event routing held off, keeping only hashed
+   suppressions; the customer ids are computed again there (merges), and runs an event started
+   meanwhile are deleted first, with routing let through while Temporal is called;
 3. delete their Temporal executions, until visibility lists none;
 4. delete again: rows written by an activity that was still in flight when its run ended;
 5. record the outcome; the erasure record keeps hashes only.

@@ -32,11 +32,29 @@ class SubscriptionPublic(BaseModel):
     source: str | None = Field(default="api", max_length=64)
 
 
-class SuppressionPublic(BaseModel):
+# Reasons a suppression can be added with (by hand or by a provider's report).
+AddedReason = Literal["hard_bounce", "complaint", "stop", "manual"]
+# ...and the ones only an erasure writes, on hashed addresses (store.erasure).
+KeptReason = Literal["opted_out", "unsubscribed", "regulation"]
+
+
+class SuppressionCreate(BaseModel):
     channel: Channel
     address: str = Field(min_length=1, max_length=512)
-    reason: Literal["hard_bounce", "complaint", "stop", "manual"] = Field(
+    reason: AddedReason = Field(
         default="manual", description="`stop`: the number texted STOP (a START lifts it)"
+    )
+
+
+class SuppressionPublic(BaseModel):
+    channel: Channel
+    address: str = Field(
+        description="normalised address, or `sha256:<hex>` kept for an erased customer"
+    )
+    reason: AddedReason | KeptReason = Field(
+        description="`stop`: the number texted STOP (a START lifts it). Kept by an erasure "
+        "(hashed): `opted_out` (a whole-channel opt-out), `unsubscribed` (a topic opt-out: "
+        "blocks marketing sends only), `regulation` (a Segment SUPPRESS)"
     )
     created_at: datetime | None = None
 
@@ -84,7 +102,7 @@ async def list_suppressions(
 
 
 @router.post("/v1/suppressions", response_model=SuppressionPublic, status_code=201)
-async def add_suppression(body: SuppressionPublic, pool: PoolDep) -> SuppressionPublic:
+async def add_suppression(body: SuppressionCreate, pool: PoolDep) -> SuppressionPublic:
     if not normalize_address(body.channel, body.address):
         raise ApiError(400, "invalid_request", f"address: not an address on {body.channel}")
     row = await pool.fetchrow(
@@ -99,11 +117,8 @@ async def add_suppression(body: SuppressionPublic, pool: PoolDep) -> Suppression
 
 @router.delete("/v1/suppressions/{channel}/{address}", status_code=204)
 async def remove_suppression(channel: Channel, address: str, pool: PoolDep) -> Response:
-    status = await pool.execute(
-        "DELETE FROM suppressions WHERE channel = $1 AND address = $2",
-        channel,
-        normalize_address(channel, address),
-    )
-    if status.endswith(" 0"):
+    """Lift it: the plain row and the hashed one an erasure kept, whatever their reason.
+    `address` is the address, or a hashed key as the list shows it."""
+    if not await feedback.remove_suppression(pool, channel, address):
         raise ApiError(404, "not_found", f"{address!r} is not suppressed on {channel}")
     return Response(status_code=204)

@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 
 from fastapi import APIRouter
 from temporalio.common import WorkflowIDConflictPolicy
+from temporalio.service import RPCError
 
 from api.deps import AdminDep, PoolDep, SettingsDep, TemporalDep
 from api.errors import ApiError
@@ -54,20 +55,31 @@ async def _erase(
         row, created = await start_erasure(
             conn, cid, requested_by=REQUESTED_BY, source=source, mode=mode
         )
-    if row["mode"] != mode:
-        raise ApiError(
-            409, "conflict", f"ref: a {row['mode']} of this customer is in progress ({row['id']})"
-        )
-    # Started again on a repeat too: a crash between the row and the start must not leave a
-    # running erasure that nothing carries out. The same workflow id joins the one running.
-    await temporal.start_workflow(
-        ErasureWorkflow.run,
-        ErasureInput(erasure_id=row["id"]),
-        id=erasure_workflow_id(row["id"]),
-        task_queue=settings.temporal_task_queue,
-        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-        static_summary=f"customer {mode}",
-    )
+        if row["mode"] != mode:
+            raise ApiError(
+                409,
+                "conflict",
+                f"ref: a {row['mode']} of this customer is in progress ({row['id']})",
+            )
+        # Started before the row commits: a start Temporal refuses rolls the row back (503,
+        # the client retries), so no running erasure is ever left that nothing carries out.
+        # If the commit fails after the start, the workflow's first step waits for the row a
+        # while and then ends (activities.erasure_activities.ORPHAN_WAIT). Started on a
+        # repeat too: the same workflow id joins the one running.
+        try:
+            await temporal.start_workflow(
+                ErasureWorkflow.run,
+                ErasureInput(erasure_id=row["id"]),
+                id=erasure_workflow_id(row["id"]),
+                task_queue=settings.temporal_task_queue,
+                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+                static_summary=f"customer {mode}",
+            )
+        except RPCError as err:
+            log.warning("erasure.not_started", erasure_id=row["id"], error=str(err))
+            raise ApiError(
+                503, "unavailable", "ref: the erasure could not be started; retry later"
+            ) from err
     log.info(
         "erasure.requested",
         erasure_id=row["id"],

@@ -114,3 +114,41 @@ async def test_export_holds_every_kind_of_data(desk):
     missing = await api.get(f"/v1/customers/nobody-{tag}/export", headers=ADMIN)
     assert (missing.status_code, missing.json()["code"]) == (404, "not_found")
     assert (await api.get(f"/v1/customers/{user}/export")).status_code == 401
+
+
+async def test_export_shows_what_an_erased_customer_left_on_their_address(desk):
+    """Someone erased earlier opted out of marketing at this address; this customer also
+    suppressed it by hand. The export lists both rows that block the address: the plain one
+    and the hashed one kept by the erasure (shown with the address, not its hash)."""
+    eng, api = desk
+    tag = uuid.uuid4().hex[:8]
+    email = f"Shared.{tag}@Example.com"
+    before, now = f"xp-before-{tag}", f"xp-now-{tag}"
+    await eng.send(_msg(type="identify", userId=before, traits={"email": email}))
+    r = await api.put(
+        f"/v1/customers/{before}/subscriptions",
+        json={"channel": "email", "topic": "marketing", "status": "unsubscribed"},
+        headers=ADMIN,
+    )
+    assert r.status_code == 200, r.text
+    erasure = (await api.delete(f"/v1/customers/{before}", headers=ADMIN)).json()
+
+    async def completed() -> bool:
+        r = await api.get(f"/v1/erasures/{erasure['id']}", headers=ADMIN)
+        return r.json()["status"] == "completed"
+
+    await eventually(completed, within=90, what="the erasure")
+    await eng.send(_msg(type="identify", userId=now, traits={"email": email}))
+    r = await api.post(
+        "/v1/suppressions", json={"channel": "email", "address": email}, headers=ADMIN
+    )
+    assert r.status_code == 201, r.text
+
+    r = await api.get(f"/v1/customers/{now}/export", headers=ADMIN)
+    assert r.status_code == 200, r.text
+    rows = r.json()["suppressions"]
+    assert sorted((s["channel"], s["address"], s["reason"], s["hashed"]) for s in rows) == [
+        ("email", email.lower(), "manual", False),
+        ("email", email.lower(), "unsubscribed", True),
+    ]
+    assert "merged_ids" in r.json() and before not in r.text

@@ -5,26 +5,33 @@ only a hashed suppression keeps an opted-out address opted out."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import re
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
 import httpx
 import pytest
 from temporalio.client import Client
+from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import ActivityEnvironment
 
 from activities.channels import StoredChannel
 from activities.channels.email import EmailChannel
 from activities.contact_policy import ContactPolicy
-from activities.erasure_activities import ErasureActivities
-from models.privacy import ErasureInput, ErasureOutcome, FinishErasure
+from activities.erasure_activities import ORPHAN_WAIT, ErasureActivities
+from activities.router import CHUNK_LOCK
+from api.main import create_app
+from core.settings import Settings
+from models.privacy import ErasureInput, ErasureOutcome, FinishErasure, RunsEnded
 from models.runtime import RunSummary
 from models.segment import parse_event
+from store import feedback
 from store.erasure import hashed_address, start_erasure
 from store.events import store_events
 from tests.conftest import eventually
@@ -238,7 +245,7 @@ async def test_erasure_leaves_nothing_but_a_hashed_suppression(privacy_desk):
     assert refusal == "suppressed"
 
     # A later event for the same userId makes a fresh profile, and the old address stays
-    # opted out: the new run's email is skipped as suppressed.
+    # opted out of marketing: the new run's (marketing) email is skipped for want of consent.
     old_events = {r["message_id"] for r in await eng.pool.fetch("SELECT message_id FROM events")}
     later = [_identify(user, email=email), track(user, "Signed Up")]
     await eng.send(*later)
@@ -256,7 +263,7 @@ async def test_erasure_leaves_nothing_but_a_hashed_suppression(privacy_desk):
 
     first = await eventually(skipped, within=30, what="the fresh profile's first send")
     assert (first["channel"], first["status"], first["skip_reason"]) == (
-        "email", "skipped", "suppressed"
+        "email", "skipped", "no_consent"
     )  # fmt: skip
 
 
@@ -403,3 +410,307 @@ async def test_an_erasure_requested_while_the_worker_is_down_completes_when_it_r
         done = await _completed(api, erasure_id, headers=stack_admin())
         assert done["counts"]["runs"]["found"] == 1
         assert await _rows_mentioning(db, [cid, user]) == {}
+
+
+# -- review fixes (2026-12): listing, merges, hashed opt-outs, the lock, orphans ------------
+async def _erase_steps(eng: Engine, erasure_id: str) -> None:
+    """The workflow's activities in its order, run here so a test can act between them."""
+    steps = ErasureActivities(eng.pool, eng.client)
+    inp = ErasureInput(erasure_id=erasure_id)
+    run = ActivityEnvironment().run
+    await run(steps.end_customer_runs, inp)
+    await run(steps.erase_customer_data, inp)
+    await run(steps.delete_customer_executions, inp)
+    await run(steps.erase_customer_data, inp)
+    await run(
+        steps.finish_customer_erasure,
+        FinishErasure(erasure_id=erasure_id, outcome=ErasureOutcome()),
+    )
+
+
+async def test_the_suppression_list_shows_what_erasures_keep(privacy_desk):
+    eng, api = privacy_desk
+    tag = uuid.uuid4().hex[:8]
+    gone, kept = f"sl-gone-{tag}", f"sl-kept-{tag}"
+    await eng.send(
+        _identify(gone, email=f"{gone}@example.com"), _identify(kept, email=f"{kept}@example.com")
+    )
+    r = await api.put(
+        f"/v1/customers/{gone}/subscriptions",
+        json={"channel": "email", "topic": "marketing", "status": "unsubscribed"},
+        headers=ADMIN,
+    )
+    assert r.status_code == 200, r.text
+    r = await api.delete(f"/v1/customers/{gone}", headers=ADMIN)
+    assert r.status_code == 202, r.text
+    await _completed(api, r.json()["id"])
+    r = await api.post(
+        "/v1/regulations",
+        json={"regulationType": "SUPPRESS", "subjectType": "USER_ID", "subjectIds": [kept]},
+        headers=ADMIN,
+    )
+    await _completed(api, r.json()["regulateId"])
+
+    r = await api.get("/v1/suppressions", headers=ADMIN)
+    assert r.status_code == 200, r.text
+    assert sorted((s["channel"], s["address"], s["reason"]) for s in r.json()) == sorted([
+        ("email", hashed_address("email", f"{gone}@example.com"), "unsubscribed"),
+        ("email", hashed_address("email", f"{kept}@example.com"), "regulation"),
+    ])  # fmt: skip
+    # Only the reasons a person gives can be added by hand.
+    r = await api.post(
+        "/v1/suppressions",
+        json={"channel": "email", "address": f"x-{tag}@example.com", "reason": "regulation"},
+        headers=ADMIN,
+    )
+    assert (r.status_code, r.json()["code"]) == (400, "invalid_request")
+
+
+async def test_hashed_opt_outs_block_only_what_the_person_opted_out_of(privacy_desk):
+    """A topic opt-out survives an erasure as a marketing-only block (transactional mail to a
+    later profile with that address goes); real suppressions block everything, and both can
+    be lifted: START lifts a hashed STOP, DELETE lifts plain and hashed rows."""
+    eng, api = privacy_desk
+    tag = uuid.uuid4().hex[:8]
+    user, email = f"ho-{tag}", f"Ho.{tag}@Example.com"
+    phone, other_phone = "+1 (555) 010-4242", "+15550104343"
+    await eng.send(_identify(user, email=email, phone=phone), _identify(f"ho2-{tag}"))
+    r = await api.put(
+        f"/v1/customers/{user}/subscriptions",
+        json={"channel": "email", "topic": "marketing", "status": "unsubscribed"},
+        headers=ADMIN,
+    )
+    assert r.status_code == 200, r.text
+    cid = await eng.customer(user)
+    async with eng.pool.acquire() as conn, conn.transaction():  # as an inbound STOP does
+        await feedback.set_subscription(conn, cid, "sms", "*", "unsubscribed", "sms_keyword")
+        await feedback.suppress(conn, "sms", phone, "stop")
+    # A second profile with another number, manually suppressed, erased too.
+    await eng.send(_identify(f"ho2-{tag}", phone=other_phone))
+    r = await api.post(
+        "/v1/suppressions", json={"channel": "sms", "address": other_phone, "reason": "manual"},
+        headers=ADMIN,
+    )  # fmt: skip
+    assert r.status_code == 201, r.text
+    for ref in (user, f"ho2-{tag}"):
+        r = await api.delete(f"/v1/customers/{ref}", headers=ADMIN)
+        await _completed(api, r.json()["id"])
+    rows = await eng.pool.fetch("SELECT channel, address, reason FROM suppressions")
+    assert sorted(tuple(r) for r in rows) == sorted([
+        ("email", hashed_address("email", email), "unsubscribed"),
+        ("sms", hashed_address("sms", phone), "stop"),
+        ("sms", hashed_address("sms", other_phone), "manual"),
+    ])  # fmt: skip
+
+    policy = ContactPolicy([])
+
+    async def refusal(
+        channel: str, category: str, address: str, customer_id: str = "fresh"
+    ) -> str | None:
+        async with eng.pool.acquire() as conn:
+            return await policy.refusal(
+                conn, customer_id=customer_id, channel=channel, category=category,
+                topic="marketing", address=address,
+            )  # fmt: skip
+
+    # The marketing opt-out: marketing is refused, a password reset goes.
+    assert await refusal("email", "marketing", email.lower()) == "no_consent"
+    assert await refusal("email", "transactional", email.lower()) is None
+    assert await refusal("sms", "transactional", "+15550104242") == "suppressed"
+    # A later profile at that address that opts in itself gets marketing again.
+    await eng.send(_identify(f"ho3-{tag}", email=email))
+    r = await api.put(
+        f"/v1/customers/ho3-{tag}/subscriptions",
+        json={"channel": "email", "topic": "marketing", "status": "subscribed"},
+        headers=ADMIN,
+    )
+    assert r.status_code == 200, r.text
+    fresh = await eng.customer(f"ho3-{tag}")
+    assert await refusal("email", "marketing", email.lower(), fresh) is None
+
+    # START (store.feedback.unsuppress) lifts the hashed STOP.
+    async with eng.pool.acquire() as conn:
+        assert await feedback.unsuppress(conn, "sms", phone, "stop")
+    assert await refusal("sms", "transactional", "+15550104242") is None
+    # DELETE by the address, or by the hashed key the listing shows (also for SMS).
+    hashed = hashed_address("sms", other_phone)
+    r = await api.delete(f"/v1/suppressions/sms/{hashed}", headers=ADMIN)
+    assert r.status_code == 204, r.text
+    r = await api.delete(f"/v1/suppressions/email/{email.upper()}", headers=ADMIN)
+    assert r.status_code == 204, r.text
+    assert await eng.pool.fetch("SELECT * FROM suppressions") == []
+    assert await refusal("email", "marketing", email.lower()) is None
+
+
+async def test_the_delete_step_holds_routing_off_only_while_it_reads_and_deletes_rows(
+    privacy_desk,
+):
+    """Temporal calls (listing and deleting the runs an event started meanwhile) happen
+    without the router's chunk lock; the rows go once no live run is left."""
+    eng, _ = privacy_desk
+    tag = uuid.uuid4().hex[:8]
+    user = f"lk-{tag}"
+    await eng.send(_identify(user), track(user, "Signed Up"))
+    await _at_step(eng, user, "long_wait")
+    cid = await eng.customer(user)
+    async with eng.pool.acquire() as conn, conn.transaction():
+        row, _ = await start_erasure(conn, cid, requested_by="test", source="api", mode="erase")
+    inp = ErasureInput(erasure_id=row["id"])
+    held_during_temporal_calls: list[bool] = []
+    pool = eng.pool
+
+    class Probe(ErasureActivities):
+        async def _lock_free(self) -> None:
+            async with pool.acquire() as c:
+                free = await c.fetchval("SELECT pg_try_advisory_lock($1)", CHUNK_LOCK)
+                if free:
+                    await c.execute("SELECT pg_advisory_unlock($1)", CHUNK_LOCK)
+            held_during_temporal_calls.append(not free)
+
+        async def _executions(self, *args: Any, **kw: Any) -> set[tuple[str, str]]:
+            await self._lock_free()
+            return await super()._executions(*args, **kw)
+
+        async def _delete(self, workflow_id: str, run_id: str = "") -> bool:
+            await self._lock_free()
+            return await super()._delete(workflow_id, run_id)
+
+    steps = Probe(eng.pool, eng.client)
+    run = ActivityEnvironment().run
+    await run(steps.end_customer_runs, inp)
+    # A run started after the runs were ended: the delete step finds it.
+    await eng.publish(LATE_JOURNEY)
+    await eng.send(track(user, "Came Back"))
+    await _at_step(eng, user, "hold", journey="privacy_late")
+    held_during_temporal_calls.clear()
+    await run(steps.erase_customer_data, inp)
+    assert held_during_temporal_calls and not any(held_during_temporal_calls)
+    assert await eng.pool.fetchval("SELECT count(*) FROM customers WHERE id = $1", cid) == 0
+    with pytest.raises(RPCError) as err:
+        await eng.client.get_workflow_handle(f"journey-privacy_late-{cid}").describe()
+    assert err.value.status == RPCStatusCode.NOT_FOUND
+
+
+async def test_merges_that_raced_the_request_are_erased_in_both_directions(privacy_desk):
+    """The request's ids are fixed when it arrives; a merge routed before the request was
+    visible to the router (here: the erasure row not yet committed) moved data. The delete
+    step recomputes the ids: a loser merged into the erased customer (its consent and tasks
+    stay under its own id) and a survivor the erased customer was merged into."""
+    eng, api = privacy_desk
+    tag = uuid.uuid4().hex[:8]
+    # Loser into the erased customer: an anonymous visitor with a run, a task and consent.
+    user, anon = f"mg-{tag}", f"mg-anon-{tag}"
+    await eng.send(_identify(user, first_name=f"Mira{tag}"))
+    await eng.send({"type": "track", "anonymousId": anon, "event": "Signed Up",
+                    "messageId": f"m-{uuid.uuid4()}"})  # fmt: skip
+    await _at_step(eng, anon, "long_wait")
+    loser = await eng.customer(anon)
+    r = await api.put(
+        f"/v1/customers/{anon}/subscriptions",
+        json={"channel": "sms", "topic": "alerts", "status": "subscribed"},
+        headers=ADMIN,
+    )
+    assert r.status_code == 200, r.text
+    assert await eng.pool.fetchval("SELECT count(*) FROM tasks WHERE customer_id = $1", loser)
+    erased = await eng.customer(user)
+    # The erased customer into another: their anonymous id, then another user's identify.
+    other_user, other_anon = f"mg-other-{tag}", f"mg-oanon-{tag}"
+    await eng.send(_identify(f"mg-x-{tag}", other_anon, last_name=f"Xu{tag}"))
+    x_cid = await eng.customer(f"mg-x-{tag}")
+    await eng.send(_identify(other_user, last_name=f"Oz{tag}"))
+
+    async with eng.pool.acquire() as conn:
+        tx = conn.transaction()
+        await tx.start()
+        first, _ = await start_erasure(
+            conn, erased, requested_by="test", source="api", mode="erase"
+        )
+        second, _ = await start_erasure(
+            conn, x_cid, requested_by="test", source="api", mode="erase"
+        )
+        # Routed while the requests are not visible yet: both merges happen.
+        await eng.send(_identify(user, anon))  # the visitor merges into the erased customer
+        await eng.send(_identify(other_user, other_anon))  # x merges into another profile
+        await tx.commit()
+    merged = {r["id"]: r["merged_into"] for r in await eng.pool.fetch(
+        "SELECT id, merged_into FROM customers")}  # fmt: skip
+    assert merged[loser] == erased
+    assert merged[x_cid] == await eng.customer(other_user)
+
+    await _erase_steps(eng, first["id"])
+    await _erase_steps(eng, second["id"])
+    needles = [erased, loser, user, anon, f"Mira{tag}", x_cid, other_anon, f"Xu{tag}"]
+    assert await _rows_mentioning(eng.pool, needles) == {}
+    assert await _visible(eng.client, f'CustomerId = "{loser}"') == []
+
+
+async def test_no_merge_touches_a_customer_while_their_erasure_runs(privacy_desk):
+    """An event that would merge a customer under erasure with another profile does not:
+    it goes to the customer of its userId, the erased ids stay with the erased customer
+    (and go with it), the other profile keeps only what was its own."""
+    eng, _ = privacy_desk
+    tag = uuid.uuid4().hex[:8]
+    user, anon = f"nm-{tag}", f"nm-anon-{tag}"
+    await eng.send(_identify(user, anon, first_name=f"Nina{tag}"))
+    erased = await eng.customer(user)
+    keeper = f"nm-keep-{tag}"
+    await eng.send(_identify(keeper, last_name="Keep"))
+    kept = await eng.customer(keeper)
+    async with eng.pool.acquire() as conn, conn.transaction():
+        row, _ = await start_erasure(conn, erased, requested_by="test", source="api", mode="erase")
+    await eng.send(_identify(keeper, anon, city="Oslo"))  # would merge the erased into kept
+    await eng.send(_identify(user, f"nm-other-{tag}"))  # a fresh visitor id: joins erased
+    merged = {r["id"]: r["merged_into"] for r in await eng.pool.fetch(
+        "SELECT id, merged_into FROM customers")}  # fmt: skip
+    assert merged == {erased: None, kept: None}
+    traits = await eng.pool.fetchval("SELECT traits FROM customers WHERE id = $1", kept)
+    assert traits == {"last_name": "Keep", "city": "Oslo"}
+
+    await _erase_steps(eng, row["id"])
+    assert await _rows_mentioning(eng.pool, [erased, f"Nina{tag}", f"nm-other-{tag}"]) == {}
+    assert await eng.customer(keeper) == kept
+    # The erased visitor id is free again: its next event makes a fresh profile.
+    await eng.send({"type": "page", "anonymousId": anon, "messageId": f"m-{uuid.uuid4()}"})
+    assert await eng.customer(anon) not in (erased, kept)
+
+
+async def test_an_erasure_whose_workflow_cannot_start_is_not_recorded(privacy_desk, pg_url):
+    """The workflow is started before the erasure row commits: if Temporal refuses the start,
+    the API answers 503 and nothing is left running that no workflow carries out."""
+    eng, api = privacy_desk
+    tag = uuid.uuid4().hex[:8]
+    user = f"or-{tag}"
+    await eng.send(_identify(user))
+    broken = Settings(
+        database_url=pg_url,
+        temporal_address=eng.client.service_client.config.target_host,
+        temporal_namespace=f"missing-{tag}",  # every start is refused: namespace not found
+        journeys_admin_key="admin",
+        temporal_task_queue=eng.task_queue,
+    )
+    app = create_app(broken)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://api") as down:
+            r = await down.delete(f"/v1/customers/{user}", headers=ADMIN)
+    assert (r.status_code, r.json()["code"]) == (503, "unavailable"), r.text
+    assert await eng.pool.fetchval("SELECT count(*) FROM erasures") == 0
+    r = await api.delete(f"/v1/customers/{user}", headers=ADMIN)
+    assert r.status_code == 202, r.text
+    await _completed(api, r.json()["id"])
+
+
+async def test_the_first_step_waits_for_the_row_then_gives_up(privacy_desk):
+    """A workflow started for a row that is not committed yet retries; one whose row never
+    came (the API's commit failed after the start) ends after ORPHAN_WAIT doing nothing."""
+    eng, _ = privacy_desk
+    steps = ErasureActivities(eng.pool, eng.client)
+    inp = ErasureInput(erasure_id=uuid.uuid4().hex)
+    env = ActivityEnvironment()
+    env.info = dataclasses.replace(env.info, scheduled_time=datetime.now(UTC))
+    with pytest.raises(ApplicationError) as err:
+        await env.run(steps.end_customer_runs, inp)
+    assert err.value.type == "ErasureNotRecorded" and not err.value.non_retryable
+    long_ago = datetime.now(UTC) - ORPHAN_WAIT - timedelta(seconds=1)
+    env.info = dataclasses.replace(env.info, scheduled_time=long_ago)
+    assert await env.run(steps.end_customer_runs, inp) == RunsEnded()
