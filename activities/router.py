@@ -17,16 +17,26 @@ One router is active at a time (advisory lock), which keeps a customer's events 
 No event blocks the others. A chunk that fails with an error that says something about its
 data (not an outage) is cut in halves and routed again, down to single events; an event that
 still fails on its own, twice, is set aside in `dead_letters` with its error and everything
-else flows. Which failures are the event's own:
+else flows. A round spends at most `ROUND_ATTEMPTS` route attempts on halving: a chunk that
+still fails after that is not halved further, its events wait as suspects (below), so a
+full batch of bad events costs a round a few dozen attempts, not thousands. Which failures
+are the event's own:
 
 - data errors: raised while reading or applying the event's payload (`UnroutableEvent`, e.g.
   an event too large for any signal, and the ValueError/TypeError/KeyError... family from
   code handling it), and a refusal by the one run the event is for
   (`enrollment.EventRejected`: a run past its signal limit), which other runs do not share;
 - and only when the failure is not everyone's: an event is dead-lettered only if at least one
-  other event of the same round routed fine. If every event of a round fails (a bug all
-  events run into, a misconfigured server) the round fails with `SystemicRoutingError`:
-  logged, retried with backoff, nothing set aside, and routing resumes by itself once fixed.
+  other event routed fine, in the same round or since the event (or its customer) was first
+  held back. If every event of a round fails (a bug all events run into, a misconfigured
+  server) the round fails with `SystemicRoutingError`: logged, nothing set aside, its events
+  held back as suspects (below), and routing resumes by itself once fixed. The one exception
+  is a lone suspect (the suspects remembered are all of one customer, and nothing else
+  routes to compare them with): it is dead-lettered once it has failed alone
+  `LONE_FAILURES` times over at least `LONE_SPAN` seconds. A system fault that only one
+  customer's events in a quiet system run into is then set aside too (replay them from
+  `dead_letters` after the fix); suspects of two or more customers wait for any other event
+  to route.
 
 Not the event's fault, never dead-lettered:
 
@@ -37,8 +47,21 @@ Not the event's fault, never dead-lettered:
   event that no longer validates). It is a fault of that journey or run, not of the events,
   and dead-lettering would set aside every event of those customers. Their events are held
   back (left in the outbox, in order), the others are routed, and the round ends with
-  `RoutingHeld`: logged as an error and retried with backoff until the state or code is
-  fixed.
+  `RoutingHeld`: logged as an error, and retried (below) until the state or code is fixed.
+  A journey whose current version cannot be read (`RoutedJourney.unreadable`) holds back
+  the events that hit it the same way, rather than routing them past it.
+
+Held back, not blocking (`_Holds`, in memory, at most `HOLD_LIMIT` events): a held event and a
+suspect (failed with nothing else routing, or left when a round's attempts ran out) hold back
+their CUSTOMER, by every user and anonymous id it has, so its later events wait behind it and
+its order is kept. The main rounds leave held customers out of their select, so they neither
+slow nor stop the others, and a hold is no reason for the leader loop to back off.
+`retry_holds` routes them on their own, slower timer (`HOLD_RETRY` seconds, doubled after each
+retry up to `HOLD_RETRY_MAX`; at once after a journey change): a held customer whose events
+route is released, a suspect that fails alone again is dead-lettered under the rules above.
+A restart forgets the holds: their events are simply routed (and held) again. Beyond
+`HOLD_LIMIT`, failing events are not remembered and are retried by the main rounds with
+backoff, as before. The leader loop's backoff after a failed round ends early on a NOTIFY.
 
 Nothing in a chunk waits for a workflow to make progress: runs ended by a merge are told so in
 the background, and `reconcile` (beside the sweep) repeats it and catches runs ended outside
@@ -216,20 +239,19 @@ class _Failure:
 @dataclass(eq=False)
 class _Hold:
     """One customer held back: its failing events, and every user / anonymous id it has (so
-    its later events wait too: its order is kept). Retried at `due` (monotonic)."""
+    its later events wait too: its order is kept). Retried at `due` (monotonic); held since
+    `first` (monotonic), when the router had routed `seq` events."""
 
     users: set[str]
     anons: set[str]
     failures: dict[int, _Failure]
     due: float
+    first: float
+    seq: int
 
     @property
-    def seq(self) -> int:
-        return min(f.seq for f in self.failures.values())
-
-    @property
-    def first(self) -> float:
-        return min(f.first for f in self.failures.values())
+    def backoff(self) -> float:
+        return max((f.backoff for f in self.failures.values()), default=HOLD_RETRY)
 
 
 class _Holds:
@@ -251,8 +273,9 @@ class _Holds:
     def room(self) -> bool:
         return self.size < self.limit
 
-    def suspects(self) -> int:
-        return sum(not f.held for h in self._holds for f in h.failures.values())
+    def with_suspects(self) -> int:
+        """How many held customers have a suspect event."""
+        return sum(any(not f.held for f in h.failures.values()) for h in self._holds)
 
     def held(self, holds: list[_Hold] | None = None) -> Held:
         """What the outbox queries match (all holds, or these)."""
@@ -284,6 +307,8 @@ class _Holds:
             hold.anons |= other.anons
             hold.failures = {**other.failures, **hold.failures}
             hold.due = min(hold.due, other.due)
+            hold.first = min(hold.first, other.first)
+            hold.seq = min(hold.seq, other.seq)
         self._holds.add(hold)
         self.size += len(hold.failures)
         self._by_user.update(dict.fromkeys(hold.users, hold))
@@ -392,8 +417,11 @@ class EventRouter:
         self.backoffs = 0  # how often the leader loop backed off after a failed round
 
     def journeys_changed(self) -> None:
-        """Definitions or statuses changed: reload them before the next chunk is routed."""
+        """Definitions or statuses changed: reload them before the next chunk is routed, and
+        retry held events at once (the change may be the fix)."""
         self._journeys_stale = True
+        for hold in self._holds.due(None):
+            hold.due = 0.0
         self._wake.set()
 
     # -- loop ------------------------------------------------------------------------
@@ -455,25 +483,29 @@ class EventRouter:
                     return  # lost the lock with the connection: become leader again
                 # Cleared before routing: a NOTIFY during this round wakes the next one.
                 self._wake.clear()
+                failed = False
                 try:
                     n = await self.route_once()
-                    await self.retry_holds()
-                    backoff = 0.2
                 except RoutingHeld as err:
                     # Logged as an error (its events are not routed), but no reason to wait:
                     # the held customers are left out of the next rounds, unless there was
                     # no room to remember them.
                     log.error("router.routing_held", error=str(err), holds=len(self._holds))
-                    if self._holds.room:
-                        continue
-                    await self._back_off(stop, backoff)
-                    backoff = min(backoff * 2, 10.0)
-                    continue
+                    n, failed = self.batch_size, not self._holds.room
                 except Exception:
                     log.exception("router.error", retry_in=backoff)
+                    n, failed = 0, True
+                if not failed:
+                    try:
+                        await self.retry_holds()
+                    except Exception:
+                        log.exception("router.retry_error", retry_in=backoff)
+                        failed = True
+                if failed:
                     await self._back_off(stop, backoff)
                     backoff = min(backoff * 2, 10.0)
                     continue
+                backoff = 0.2
                 if n >= self.batch_size:
                     continue
                 due = self._holds.next_due()
@@ -736,6 +768,8 @@ class EventRouter:
                     merged.anons |= h.anons
                     merged.failures.update(h.failures)
                     merged.due = min(merged.due, h.due)
+                    merged.first = min(merged.first, h.first)
+                    merged.seq = min(merged.seq, h.seq)
                     groups[merged] = groups.get(merged, []) + groups.pop(h, [])
                 groups[merged] = sorted(groups.get(merged, []), key=lambda x: (x.timestamp, x.id))
                 self._holds.put(merged)
@@ -756,7 +790,7 @@ class EventRouter:
                     previous.setdefault(
                         e.id,
                         _Failure(e.id, e.message_id, RuntimeError("held"), held=True,
-                                 first=hold.first, seq=hold.seq),
+                                 first=hold.first, seq=hold.seq, backoff=hold.backoff),
                     )  # fmt: skip
                 await self._route_isolating(conn, group, rnd)
             if not full:  # nothing of theirs is left unrouted: released
@@ -775,8 +809,7 @@ class EventRouter:
             now = time.monotonic()
             for hold in taken:
                 if not any(self._holds.of(e) for e in groups[hold]):
-                    hold.due = now
-                    self._holds.put(hold)
+                    self._holds.put(_Hold(hold.users, hold.anons, {}, now, hold.first, hold.seq))
         log.info(
             "router.holds_retried", holds=len(taken), routed=rnd.routed, dead_lettered=dead,
             still_held=len(self._holds),
@@ -790,7 +823,10 @@ class EventRouter:
         and the held events (holding their customers back). Returns how many were set
         aside."""
         now = time.monotonic()
-        others = self._holds.suspects() + len(rnd.suspects) + len(rnd.unresolved)
+        # Lone: every suspect there is is this round's, and of one customer (by the ids its
+        # events name): nothing else is failing to call it a fault of the system.
+        named = [set.union(*_own_keys(e)) for e, _ in rnd.suspects + rnd.unresolved]
+        lone = not self._holds.with_suspects() and bool(named) and bool(set.intersection(*named))
         dead = 0
         keep: list[tuple[StoredEvent, _Failure]] = []
         for e, err, held, tried in (
@@ -809,12 +845,10 @@ class EventRouter:
             rec.error, rec.held = err, held
             if tried:
                 rec.failures += 2  # it failed on its own twice in this round
-                lone = (
-                    others == 1
-                    and rec.failures >= LONE_FAILURES
-                    and now - rec.first >= self.lone_span
+                alone_long_enough = (
+                    lone and rec.failures >= LONE_FAILURES and now - rec.first >= self.lone_span
                 )
-                if rnd.routed or self._routed_seq > rec.seq or lone:
+                if rnd.routed or self._routed_seq > rec.seq or alone_long_enough:
                     await self._set_aside(conn, e.id, e.message_id, err, failures=rec.failures)
                     dead += 1
                     continue
@@ -825,7 +859,8 @@ class EventRouter:
         lost = 0
         for e, rec in keep:
             users, anons = keys[e.id]
-            if not self._holds.put(_Hold(users, anons, {e.id: rec}, due=now + rec.backoff)):
+            hold = _Hold(users, anons, {e.id: rec}, now + rec.backoff, rec.first, rec.seq)
+            if not self._holds.put(hold):
                 lost += 1
         if lost:
             log.warning("router.holds_full", not_held=lost, limit=self._holds.limit)

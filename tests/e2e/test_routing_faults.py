@@ -535,24 +535,43 @@ async def test_a_held_customer_does_not_slow_the_others(eng):
     assert await dead_letters(eng) == []
 
 
-async def test_a_lone_poison_event_is_dead_lettered_with_nothing_else_arriving(eng, monkeypatch):
+@pytest.mark.parametrize("count", [1, 2])
+async def test_a_lone_poison_event_is_dead_lettered_with_nothing_else_arriving(
+    eng, monkeypatch, count
+):
     _broken_zone(monkeypatch)
     eng.router.hold_retry = 0.05
     eng.router.lone_span = 0.0  # in production a minute; tries alone are still required
-    bad = identify("lp1", timezone="Broken/Zone")
-    await store_only(eng, bad)
+    bad = [identify("lp1", timezone="Broken/Zone") for _ in range(count)]  # one customer's
+    await store_only(eng, *bad)
     stop, running = await _routing(eng)
     try:
 
         async def set_aside() -> list[asyncpg.Record]:
-            return await dead_letters(eng)
+            letters = await dead_letters(eng)
+            return letters if len(letters) == count else []
 
-        (letter,) = await eventually(set_aside, what="the lone poison event dead-lettered")
+        letters = await eventually(set_aside, what="the lone poison events dead-lettered")
     finally:
         await _stopped(stop, running)
-    assert letter["message_id"] == bad["messageId"]
-    assert letter["failures"] >= router_module.LONE_FAILURES
-    assert "cannot handle Broken/Zone" in letter["error"]
+    assert [r["message_id"] for r in letters] == [e["messageId"] for e in bad]
+    assert all(r["failures"] >= router_module.LONE_FAILURES for r in letters)
+    assert all("cannot handle Broken/Zone" in r["error"] for r in letters)
+
+
+async def test_suspects_of_several_customers_wait_for_another_event_to_route(eng, monkeypatch):
+    _broken_zone(monkeypatch)
+    eng.router.lone_span = 0.0
+    bad = [identify(f"ls-{i}", timezone="Broken/Zone") for i in range(2)]
+    await store_only(eng, *bad)
+    with pytest.raises(router_module.SystemicRoutingError):
+        await eng.router.route_once()
+    for _ in range(3):  # failing alone again and again: maybe a fault of the system
+        assert await eng.router.retry_holds(every=True) == 0
+    assert await dead_letters(eng) == []
+    await eng.send(identify("ls-ok"))  # something routes: the fault is theirs
+    assert await eng.router.retry_holds(every=True) == 2
+    assert len(await dead_letters(eng)) == 2
 
 
 async def test_an_unreadable_old_journey_version_does_not_stop_routing(eng):
@@ -584,3 +603,7 @@ async def test_an_unreadable_current_version_holds_its_events_and_the_rest_flows
     assert await eng.pool.fetchval(_UNROUTED, [pinged["messageId"]]) == 1
     assert await eng.customer("uc2")  # the others were routed
     assert await dead_letters(eng) == []
+    # Publishing a readable version is the fix: the held event is retried at once.
+    await eng.publish({**PINGER, "name": "Pinger v3"})
+    assert await eng.router.retry_holds() == 1
+    assert await eng.pool.fetchval(_UNROUTED, [pinged["messageId"]]) == 0
