@@ -19,7 +19,7 @@ data (not an outage) is cut in halves and routed again, down to single events; a
 still fails on its own, twice, is set aside in `dead_letters` with its error and everything
 else flows. A round spends at most `ROUND_ATTEMPTS` route attempts on halving: a chunk that
 still fails after that is not halved further, its events wait as suspects (below), so a
-full batch of bad events costs a round a few dozen attempts, not thousands. Which failures
+full batch of bad events costs a round a few hundred attempts, not thousands. Which failures
 are the event's own:
 
 - data errors: raised while reading or applying the event's payload (`UnroutableEvent`, e.g.
@@ -137,7 +137,7 @@ HOLD_RETRY = 5.0  # seconds to a hold's first retry; doubled after each retry, u
 HOLD_RETRY_MAX = 30.0
 LONE_FAILURES = 3  # a lone suspect is dead-lettered after failing alone this often ...
 LONE_SPAN = 60.0  # ... over at least this many seconds
-ROUND_ATTEMPTS = 64  # route attempts a round's bisection may take before the rest waits
+ROUND_ATTEMPTS = 256  # route attempts a round may take halving before the rest waits
 RETRY_ATTEMPTS = 256  # route attempts one retry of held and suspect events may take
 # Errors that come from an event's data and repeat whenever it is routed (and are only
 # dead-lettered if other events route: see the module docstring). Anything else (the database
