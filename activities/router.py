@@ -17,16 +17,26 @@ One router is active at a time (advisory lock), which keeps a customer's events 
 No event blocks the others. A chunk that fails with an error that says something about its
 data (not an outage) is cut in halves and routed again, down to single events; an event that
 still fails on its own, twice, is set aside in `dead_letters` with its error and everything
-else flows. Which failures are the event's own:
+else flows. A round spends at most `ROUND_ATTEMPTS` route attempts on halving: a chunk that
+still fails after that is not halved further, its events wait as suspects (below), so a
+full batch of bad events costs a round a few hundred attempts, not thousands. Which failures
+are the event's own:
 
 - data errors: raised while reading or applying the event's payload (`UnroutableEvent`, e.g.
   an event too large for any signal, and the ValueError/TypeError/KeyError... family from
   code handling it), and a refusal by the one run the event is for
   (`enrollment.EventRejected`: a run past its signal limit), which other runs do not share;
 - and only when the failure is not everyone's: an event is dead-lettered only if at least one
-  other event of the same round routed fine. If every event of a round fails (a bug all
-  events run into, a misconfigured server) the round fails with `SystemicRoutingError`:
-  logged, retried with backoff, nothing set aside, and routing resumes by itself once fixed.
+  other event routed fine, in the same round or since the event (or its customer) was first
+  held back. If every event of a round fails (a bug all events run into, a misconfigured
+  server) the round fails with `SystemicRoutingError`: logged, nothing set aside, its events
+  held back as suspects (below), and routing resumes by itself once fixed. The one exception
+  is a lone suspect (the suspects remembered are all of one customer, and nothing else
+  routes to compare them with): it is dead-lettered once it has failed alone
+  `LONE_FAILURES` times over at least `LONE_SPAN` seconds. A system fault that only one
+  customer's events in a quiet system run into is then set aside too (replay them from
+  `dead_letters` after the fix); suspects of two or more customers wait for any other event
+  to route.
 
 Not the event's fault, never dead-lettered:
 
@@ -37,8 +47,21 @@ Not the event's fault, never dead-lettered:
   event that no longer validates). It is a fault of that journey or run, not of the events,
   and dead-lettering would set aside every event of those customers. Their events are held
   back (left in the outbox, in order), the others are routed, and the round ends with
-  `RoutingHeld`: logged as an error and retried with backoff until the state or code is
-  fixed.
+  `RoutingHeld`: logged as an error, and retried (below) until the state or code is fixed.
+  A journey whose current version cannot be read (`RoutedJourney.unreadable`) holds back
+  the events that hit it the same way, rather than routing them past it.
+
+Held back, not blocking (`_Holds`, in memory, at most `HOLD_LIMIT` events): a held event and a
+suspect (failed with nothing else routing, or left when a round's attempts ran out) hold back
+their CUSTOMER, by every user and anonymous id it has, so its later events wait behind it and
+its order is kept. The main rounds leave held customers out of their select, so they neither
+slow nor stop the others, and a hold is no reason for the leader loop to back off.
+`retry_holds` routes them on their own, slower timer (`HOLD_RETRY` seconds, doubled after each
+retry up to `HOLD_RETRY_MAX`; at once after a journey change): a held customer whose events
+route is released, a suspect that fails alone again is dead-lettered under the rules above.
+A restart forgets the holds: their events are simply routed (and held) again. Beyond
+`HOLD_LIMIT`, failing events are not remembered and are retried by the main rounds with
+backoff, as before. The leader loop's backoff after a failed round ends early on a NOTIFY.
 
 Nothing in a chunk waits for a workflow to make progress: runs ended by a merge are told so in
 the background, and `reconcile` (beside the sweep) repeats it and catches runs ended outside
@@ -49,6 +72,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -83,7 +107,14 @@ from activities.enrollment import (
 from models.journey import EventMatch, JourneyDefinition
 from models.loading import RUNTIME
 from models.runtime import CustomerRefs, JourneyEvent, SteerCommand
-from store.events import NOTIFY_CHANNEL, dead_letter
+from store.events import (
+    NOTIFY_CHANNEL,
+    Held,
+    customer_identities,
+    dead_letter,
+    select_held,
+    select_unrouted,
+)
 from store.journeys import (
     RoutedJourney,
     record_duplicate_closed,
@@ -104,10 +135,14 @@ SWEEP_SECONDS = 30.0
 # after a deploy) never does, and is asked again by the next `reconcile` pass.
 EXIT_ACCEPT_SECONDS = 10.0
 EXIT_CONCURRENCY = 4  # exits in flight at once: their own slots, never routing's
-_SELECT = """
-SELECT id, message_id, type, event, user_id, anonymous_id, previous_id, timestamp, payload
-FROM events WHERE routed_at IS NULL ORDER BY timestamp, id LIMIT $1
-"""
+# Held and suspect events (see the module docstring) wait on their own timer.
+HOLD_LIMIT = 10_000  # failing events remembered at most; beyond, rounds retry them with backoff
+HOLD_RETRY = 5.0  # seconds to a hold's first retry; doubled after each retry, up to:
+HOLD_RETRY_MAX = 30.0
+LONE_FAILURES = 3  # a lone suspect is dead-lettered after failing alone this often ...
+LONE_SPAN = 60.0  # ... over at least this many seconds
+ROUND_ATTEMPTS = 256  # route attempts a round may take halving before the rest waits
+RETRY_ATTEMPTS = 256  # route attempts one retry of held and suspect events may take
 # Errors that come from an event's data and repeat whenever it is routed (and are only
 # dead-lettered if other events route: see the module docstring). Anything else (the database
 # or Temporal unreachable, a deadlock, a timeout, the server refusing a start) is retried,
@@ -156,14 +191,156 @@ def data_error(err: BaseException) -> bool:
     return isinstance(err, _DATA_ERRORS)
 
 
+def _own_keys(e: StoredEvent) -> tuple[set[str], set[str]]:
+    """The user and anonymous ids an event names (a previous id may be either)."""
+    users = {v for v in (e.user_id, e.previous_id) if v}
+    anons = {v for v in (e.anonymous_id, e.previous_id) if v}
+    return users, anons
+
+
+def _names_any(e: StoredEvent, users: set[str], anons: set[str]) -> bool:
+    """Whether the event names one of these ids (as `store.events.select_held` matches)."""
+    return (
+        e.user_id in users
+        or e.anonymous_id in anons
+        or (e.previous_id is not None and (e.previous_id in users or e.previous_id in anons))
+    )
+
+
 @dataclass
 class _Round:
-    """What one round of bisection found: events routed, and the events that failed alone
-    (set aside only if something else routed) or were held back."""
+    """What one round of bisection found: events routed, the events that failed alone (set
+    aside only under the rules of the module docstring), were held back, or were left
+    untried when the round's `budget` of route attempts ran out (`unresolved`); and the
+    later events of customers held back in this round (`skipped`, by `users` / `anons`)."""
 
+    budget: int
+    attempts: int = 0
     routed: int = 0
     suspects: list[tuple[StoredEvent, BaseException]] = field(default_factory=list)
     held: list[tuple[StoredEvent, RunStateUnusable]] = field(default_factory=list)
+    unresolved: list[tuple[StoredEvent, BaseException]] = field(default_factory=list)
+    skipped: list[StoredEvent] = field(default_factory=list)
+    users: set[str] = field(default_factory=set)
+    anons: set[str] = field(default_factory=set)
+
+
+@dataclass
+class _Failure:
+    """A held or suspect event the router remembers: how often it failed on its own, since
+    when (`first`, monotonic), and how many events the router had routed then (`seq`)."""
+
+    event_id: int
+    message_id: str
+    error: BaseException
+    held: bool
+    first: float
+    seq: int
+    failures: int = 0
+    backoff: float = HOLD_RETRY
+
+
+@dataclass(eq=False)
+class _Hold:
+    """One customer held back: its failing events, and every user / anonymous id it has (so
+    its later events wait too: its order is kept). Retried at `due` (monotonic); held since
+    `first` (monotonic), when the router had routed `seq` events."""
+
+    users: set[str]
+    anons: set[str]
+    failures: dict[int, _Failure]
+    due: float
+    first: float
+    seq: int
+
+    @property
+    def backoff(self) -> float:
+        return max((f.backoff for f in self.failures.values()), default=HOLD_RETRY)
+
+
+class _Holds:
+    """The holds, in memory (a restart forgets them: the events are routed again, and fail
+    again, as if new), at most `limit` failing events; holds that share an id are one."""
+
+    def __init__(self, limit: int = HOLD_LIMIT) -> None:
+        self.limit = limit
+        self.size = 0
+        self._holds: set[_Hold] = set()
+        self._by_user: dict[str, _Hold] = {}
+        self._by_anon: dict[str, _Hold] = {}
+        self._by_id: dict[int, _Hold] = {}
+
+    def __len__(self) -> int:
+        return self.size
+
+    @property
+    def room(self) -> bool:
+        return self.size < self.limit
+
+    def with_suspects(self) -> int:
+        """How many held customers have a suspect event."""
+        return sum(any(not f.held for f in h.failures.values()) for h in self._holds)
+
+    def held(self, holds: list[_Hold] | None = None) -> Held:
+        """What the outbox queries match (all holds, or these)."""
+        if holds is None:
+            return Held(list(self._by_id), list(self._by_user), list(self._by_anon))
+        return Held(
+            [i for h in holds for i in h.failures],
+            list({u for h in holds for u in h.users}),
+            list({a for h in holds for a in h.anons}),
+        )
+
+    def of(self, e: StoredEvent) -> list[_Hold]:
+        users, anons = _own_keys(e)
+        found = {self._by_id.get(e.id)}
+        found |= {self._by_user.get(u) for u in users} | {self._by_anon.get(a) for a in anons}
+        return [h for h in found if h is not None]
+
+    def put(self, hold: _Hold) -> bool:
+        """Add a hold, merged with any it shares an id with; False if there is no room."""
+        if self.size + len(hold.failures) > self.limit:
+            return False
+        others = {self._by_user.get(u) for u in hold.users}
+        others |= {self._by_anon.get(a) for a in hold.anons}
+        others |= {self._by_id.get(i) for i in hold.failures}
+        for other in others - {None, hold}:
+            assert other is not None
+            self.take(other)
+            hold.users |= other.users
+            hold.anons |= other.anons
+            hold.failures = {**other.failures, **hold.failures}
+            hold.due = min(hold.due, other.due)
+            hold.first = min(hold.first, other.first)
+            hold.seq = min(hold.seq, other.seq)
+        self._holds.add(hold)
+        self.size += len(hold.failures)
+        self._by_user.update(dict.fromkeys(hold.users, hold))
+        self._by_anon.update(dict.fromkeys(hold.anons, hold))
+        self._by_id.update(dict.fromkeys(hold.failures, hold))
+        return True
+
+    def take(self, hold: _Hold) -> None:
+        """Remove a hold (to retry it, or because it is released)."""
+        if hold not in self._holds:
+            return
+        self._holds.discard(hold)
+        self.size -= len(hold.failures)
+        for index, keys in (
+            (self._by_user, hold.users),
+            (self._by_anon, hold.anons),
+            (self._by_id, hold.failures),
+        ):
+            for k in keys:
+                if index.get(k) is hold:  # type: ignore[call-overload]
+                    del index[k]  # type: ignore[arg-type]
+
+    def due(self, now: float | None) -> list[_Hold]:
+        """Holds whose retry is due (all of them when `now` is None), the longest due first."""
+        return sorted((h for h in self._holds if now is None or h.due <= now), key=lambda h: h.due)
+
+    def next_due(self) -> float | None:
+        return min((h.due for h in self._holds), default=None)
 
 
 def journey_event(e: StoredEvent) -> JourneyEvent:
@@ -252,10 +429,20 @@ class EventRouter:
         self.exit_wait = EXIT_ACCEPT_SECONDS
         self._exit_slots = asyncio.Semaphore(EXIT_CONCURRENCY)
         self._exiting: set[str] = set()  # workflow ids with an exit in flight
+        self._holds = _Holds()
+        self._routed_seq = 0  # events routed so far (whether a suspect's fault is its own)
+        # Tunable (tests shorten them): see the constants of the same names.
+        self.hold_retry = HOLD_RETRY
+        self.hold_retry_max = HOLD_RETRY_MAX
+        self.lone_span = LONE_SPAN
+        self.backoffs = 0  # how often the leader loop backed off after a failed round
 
     def journeys_changed(self) -> None:
-        """Definitions or statuses changed: reload them before the next chunk is routed."""
+        """Definitions or statuses changed: reload them before the next chunk is routed, and
+        retry held events at once (the change may be the fix)."""
         self._journeys_stale = True
+        for hold in self._holds.due(None):
+            hold.due = 0.0
         self._wake.set()
 
     # -- loop ------------------------------------------------------------------------
@@ -317,25 +504,37 @@ class EventRouter:
                     return  # lost the lock with the connection: become leader again
                 # Cleared before routing: a NOTIFY during this round wakes the next one.
                 self._wake.clear()
+                failed = False
                 try:
                     n = await self.route_once()
-                    backoff = 0.2
+                except RoutingHeld as err:
+                    # Logged as an error (its events are not routed), but no reason to wait:
+                    # the held customers are left out of the next rounds, unless there was
+                    # no room to remember them.
+                    log.error("router.routing_held", error=str(err), holds=len(self._holds))
+                    n, failed = self.batch_size, not self._holds.room
                 except Exception:
                     log.exception("router.error", retry_in=backoff)
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), backoff)
+                    n, failed = 0, True
+                if not failed:
+                    try:
+                        await self.retry_holds()
+                    except Exception:
+                        log.exception("router.retry_error", retry_in=backoff)
+                        failed = True
+                if failed:
+                    await self._back_off(stop, backoff)
                     backoff = min(backoff * 2, 10.0)
                     continue
+                backoff = 0.2
                 if n >= self.batch_size:
                     continue
-                # NOTIFY wakes us at once; the timeout is a safety net for a lost notification.
-                waiters = [
-                    asyncio.ensure_future(self._wake.wait()),
-                    asyncio.ensure_future(stop.wait()),
-                ]
-                await asyncio.wait(waiters, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
-                for w in waiters:
-                    w.cancel()
+                due = self._holds.next_due()
+                wait = 1.0 if due is None else min(1.0, due - time.monotonic())
+                if wait > 0:
+                    # NOTIFY wakes us at once; the timeout is a safety net for a lost
+                    # notification, or the next retry of held and suspect events.
+                    await self._idle(stop, wait)
         finally:
             self._leader_pid = None
             if sweeper is not None:
@@ -353,6 +552,22 @@ class EventRouter:
             # reset that fails terminates the connection (asyncpg), which is what we want.
             with contextlib.suppress(asyncpg.InterfaceError, asyncpg.PostgresError, OSError):
                 await self.pool.release(conn)
+
+    async def _idle(self, stop: asyncio.Event, seconds: float) -> None:
+        """Wait for a NOTIFY (new events, changed journeys), `stop`, or `seconds`."""
+        waiters = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stop.wait())]
+        try:
+            await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
+
+    async def _back_off(self, stop: asyncio.Event, backoff: float) -> None:
+        """After a failed round: wait `backoff`, but new events (NOTIFY) end the wait, as
+        they may well route (the failed round's events are left out if they were held)."""
+        self.backoffs += 1
+        self._wake.clear()
+        await self._idle(stop, backoff)
 
     def _on_notify(self, *_: Any) -> None:
         self._wake.set()
@@ -471,7 +686,7 @@ class EventRouter:
         return None
 
     # -- one chunk -------------------------------------------------------------------
-    async def route_once(self) -> int:
+    async def _load_journeys(self) -> None:
         if self._journeys_stale:
             # Cleared before the load so a change during it is not missed, and set again if
             # the load fails: routing with an old or empty list would mark events routed
@@ -482,6 +697,17 @@ class EventRouter:
             except BaseException:
                 self._journeys_stale = True
                 raise
+
+    async def route_once(self) -> int:
+        """Route the next chunk of unrouted events, leaving out held customers and suspect
+        events (`retry_holds` routes those). Returns how many events were taken.
+
+        Raises:
+            RoutingHeld: events were held back in this round (the others were routed).
+            SystemicRoutingError: every event of the round failed (remembered as suspects
+                when there is room, and left out of the next rounds).
+        """
+        await self._load_journeys()
         async with self.pool.acquire() as conn:
             # Held for the whole chunk on this connection: if leadership was lost and another
             # router took over, this one routes nothing rather than the same chunk twice.
@@ -496,40 +722,213 @@ class EventRouter:
                 with contextlib.suppress(asyncpg.InterfaceError, asyncpg.PostgresConnectionError):
                     await conn.execute("SELECT pg_advisory_unlock($1)", CHUNK_LOCK)
 
-    async def _route_chunk(self, conn: asyncpg.Connection) -> int:
-        rows = await conn.fetch(_SELECT, self.batch_size)
-        if not rows:
+    async def retry_holds(self, *, every: bool = False) -> int:
+        """Route the events of held customers and suspect events whose retry is due (all of
+        them with `every`), on their own: dead-letters a suspect that fails alone again when
+        the module docstring's rules say it is its own fault, holds the rest again with a
+        longer wait. At most `RETRY_ATTEMPTS` route attempts (the holds left are still due).
+        Returns how many events were routed or set aside."""
+        due = self._holds.due(None if every else time.monotonic())
+        if not due:
             return 0
+        await self._load_journeys()
+        async with self.pool.acquire() as conn:
+            if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", CHUNK_LOCK):
+                return 0
+            try:
+                return await self._retry(conn, due)
+            finally:
+                with contextlib.suppress(asyncpg.InterfaceError, asyncpg.PostgresConnectionError):
+                    await conn.execute("SELECT pg_advisory_unlock($1)", CHUNK_LOCK)
+
+    async def _stored(
+        self, conn: asyncpg.Connection, rows: list[asyncpg.Record]
+    ) -> list[StoredEvent]:
         events: list[StoredEvent] = []
         for r in rows:
             try:
                 events.append(StoredEvent(**dict(r)))
             except _DATA_ERRORS as err:
                 await self._set_aside(conn, r["id"], r["message_id"], err, failures=1)
+        return events
+
+    async def _route_chunk(self, conn: asyncpg.Connection) -> int:
+        rows = await select_unrouted(conn, self.batch_size, self._holds.held())
+        if not rows:
+            return 0
+        events = await self._stored(conn, rows)
         if not events:
             return len(rows)
-        rnd = _Round()
+        rnd = _Round(budget=ROUND_ATTEMPTS)
         await self._route_isolating(conn, events, rnd)
-        if rnd.suspects:
-            if rnd.routed == 0:
-                first = rnd.suspects[0][1]
-                log.error("router.systemic_failure", events=len(events), error=repr(first))
-                raise SystemicRoutingError(
-                    f"all {len(events)} events of the round failed: {first!r}"
-                ) from first
-            for e, err in rnd.suspects:
-                await self._set_aside(conn, e.id, e.message_id, err, failures=2)
+        await self._settle(conn, rnd, {})
+        failed = rnd.suspects + rnd.unresolved
+        if failed and rnd.routed == 0:
+            first = failed[0][1]
+            log.error("router.systemic_failure", events=len(events), error=repr(first))
+            raise SystemicRoutingError(
+                f"all {len(events)} events of the round failed: {first!r}"
+            ) from first
         if rnd.held:
             first_held = rnd.held[0][1]
             raise RoutingHeld(f"{len(rnd.held)} events held back: {first_held}") from first_held
         return len(rows)
 
+    async def _retry(self, conn: asyncpg.Connection, due: list[_Hold]) -> int:
+        rows = await select_held(conn, self.batch_size, self._holds.held(due))
+        full = len(rows) >= self.batch_size
+        events = await self._stored(conn, rows)
+        dead = len(rows) - len(events)
+        groups: dict[_Hold, list[StoredEvent]] = {}
+        for e in events:
+            holds = self._holds.of(e)
+            if len(holds) > 1:  # the event links customers held apart: one hold now
+                merged = holds[0]
+                for h in holds:
+                    self._holds.take(h)
+                for h in holds[1:]:
+                    merged.users |= h.users
+                    merged.anons |= h.anons
+                    merged.failures.update(h.failures)
+                    merged.due = min(merged.due, h.due)
+                    merged.first = min(merged.first, h.first)
+                    merged.seq = min(merged.seq, h.seq)
+                    groups[merged] = groups.get(merged, []) + groups.pop(h, [])
+                groups[merged] = sorted(groups.get(merged, []), key=lambda x: (x.timestamp, x.id))
+                self._holds.put(merged)
+                holds = [merged]
+            if holds:
+                groups.setdefault(holds[0], []).append(e)
+        rnd = _Round(budget=RETRY_ATTEMPTS)
+        taken: list[_Hold] = []
+        previous: dict[int, _Failure] = {}
+        try:
+            for hold, group in groups.items():
+                if rnd.attempts >= rnd.budget:
+                    break  # the rest stays due: the leader loop comes back at once
+                self._holds.take(hold)
+                taken.append(hold)
+                previous.update(hold.failures)
+                for e in group:  # a later event failing now was held as long as its customer
+                    previous.setdefault(
+                        e.id,
+                        _Failure(e.id, e.message_id, RuntimeError("held"), held=True,
+                                 first=hold.first, seq=hold.seq, backoff=hold.backoff),
+                    )  # fmt: skip
+                await self._route_isolating(conn, group, rnd)
+            if not full:  # nothing of theirs is left unrouted: released
+                for hold in due:
+                    if hold not in groups:
+                        self._holds.take(hold)
+        except BaseException:
+            for hold in taken:  # as they were: retried again after the outage
+                self._holds.put(hold)
+            raise
+        dead += await self._settle(conn, rnd, previous)
+        if full:
+            # Their events past the limit were not tried: a customer all of whose tried
+            # events were routed or set aside stays held (the rest keeps its order, and
+            # counts as held since then), and is retried at once.
+            now = time.monotonic()
+            for hold in taken:
+                if not any(self._holds.of(e) for e in groups[hold]):
+                    self._holds.put(_Hold(hold.users, hold.anons, {}, now, hold.first, hold.seq))
+        log.info(
+            "router.holds_retried", holds=len(taken), routed=rnd.routed, dead_lettered=dead,
+            still_held=len(self._holds),
+        )  # fmt: skip
+        return rnd.routed + dead
+
+    async def _settle(
+        self, conn: asyncpg.Connection, rnd: _Round, previous: dict[int, _Failure]
+    ) -> int:
+        """After a round: set aside the suspects whose fault is their own, remember the rest
+        and the held events (holding their customers back). Returns how many were set
+        aside."""
+        now = time.monotonic()
+        # Lone: every suspect there is is this round's, and of one customer (by the ids its
+        # events name): nothing else is failing to call it a fault of the system.
+        named = [set.union(*_own_keys(e)) for e, _ in rnd.suspects + rnd.unresolved]
+        lone = not self._holds.with_suspects() and bool(named) and bool(set.intersection(*named))
+        dead = 0
+        keep: list[tuple[StoredEvent, _Failure]] = []
+        for e, err, held, tried in (
+            *((e, err, False, True) for e, err in rnd.suspects),
+            *((e, err, False, False) for e, err in rnd.unresolved),
+            *((e, err, True, False) for e, err in rnd.held),
+        ):
+            rec = previous.get(e.id)
+            if rec is None:
+                rec = _Failure(
+                    e.id, e.message_id, err, held, first=now, seq=self._routed_seq,
+                    backoff=self.hold_retry,
+                )  # fmt: skip
+            else:
+                rec.backoff = min(rec.backoff * 2, self.hold_retry_max)
+            rec.error, rec.held = err, held
+            if tried:
+                rec.failures += 2  # it failed on its own twice in this round
+                alone_long_enough = (
+                    lone and rec.failures >= LONE_FAILURES and now - rec.first >= self.lone_span
+                )
+                if rnd.routed or self._routed_seq > rec.seq or alone_long_enough:
+                    await self._set_aside(conn, e.id, e.message_id, err, failures=rec.failures)
+                    dead += 1
+                    continue
+            keep.append((e, rec))
+        if not keep:
+            return dead
+        keys = await self._customer_keys(conn, [e for e, _ in keep])
+        lost = 0
+        for e, rec in keep:
+            users, anons = keys[e.id]
+            hold = _Hold(users, anons, {e.id: rec}, now + rec.backoff, rec.first, rec.seq)
+            if not self._holds.put(hold):
+                lost += 1
+        if lost:
+            log.warning("router.holds_full", not_held=lost, limit=self._holds.limit)
+        return dead
+
+    async def _customer_keys(
+        self, conn: asyncpg.Connection, events: list[StoredEvent]
+    ) -> dict[int, tuple[set[str], set[str]]]:
+        """Every user and anonymous id of each event's customer (and those it names)."""
+        own = {e.id: _own_keys(e) for e in events}
+        users = {u for us, _ in own.values() for u in us}
+        anons = {a for _, as_ in own.values() for a in as_}
+        known = await customer_identities(conn, users, anons)
+        out: dict[int, tuple[set[str], set[str]]] = {}
+        for e in events:
+            us, as_ = own[e.id]
+            all_users, all_anons = set(us), set(as_)
+            for key in [("user", u) for u in us] + [("anonymous", a) for a in as_]:
+                for kind, value in known.get(key, ()):
+                    (all_users if kind == "user" else all_anons).add(value)
+            out[e.id] = (all_users, all_anons)
+        return out
+
+    async def _block(
+        self, conn: asyncpg.Connection, rnd: _Round, events: list[StoredEvent]
+    ) -> None:
+        """Hold these events' customers back for the rest of the round."""
+        for users, anons in (await self._customer_keys(conn, events)).values():
+            rnd.users |= users
+            rnd.anons |= anons
+
     async def _route_isolating(
         self, conn: asyncpg.Connection, events: list[StoredEvent], rnd: _Round
     ) -> None:
         """Route these events; if their data makes that fail, halve them until the events
-        that fail on their own are found (suspects, see `_route_chunk`). Events whose stored
-        run state is unusable are held back the same way. Outages propagate."""
+        that fail on their own are found (suspects, see `_settle`). Events whose stored run
+        state is unusable are held back the same way, with their customer's later events.
+        Once the round's budget is spent, a chunk that fails is not halved any more: its
+        events wait for `retry_holds` (unresolved). Outages propagate."""
+        if rnd.users or rnd.anons:
+            rnd.skipped += [e for e in events if _names_any(e, rnd.users, rnd.anons)]
+            events = [e for e in events if not _names_any(e, rnd.users, rnd.anons)]
+            if not events:
+                return
+        rnd.attempts += 1
         try:
             await self._route_events(conn, events)
             rnd.routed += len(events)
@@ -538,11 +937,17 @@ class EventRouter:
             if not (data_error(err) or isinstance(err, RunStateUnusable)):
                 raise
             log.warning("router.chunk_failed", events=len(events), error=repr(err))
+            failure: BaseException = err
         if len(events) > 1:
+            if rnd.attempts >= rnd.budget:
+                rnd.unresolved += [(e, failure) for e in events]
+                await self._block(conn, rnd, events)
+                return
             half = len(events) // 2  # in order: earlier events are routed first
             await self._route_isolating(conn, events[:half], rnd)
             await self._route_isolating(conn, events[half:], rnd)
             return
+        rnd.attempts += 1
         try:  # once more alone: only an error that repeats is the event's own
             await self._route_events(conn, events)
             rnd.routed += 1
@@ -552,6 +957,7 @@ class EventRouter:
                 customer_id=events[0].customer_id or None, error=str(err),
             )  # fmt: skip
             rnd.held.append((events[0], err))
+            await self._block(conn, rnd, events)
         except Exception as err:
             if not data_error(err):
                 raise
@@ -579,6 +985,7 @@ class EventRouter:
                 "UPDATE events SET routed_at = now() WHERE id = ANY($1::bigint[])",
                 [e.id for e in events],
             )
+        self._routed_seq += len(events)
         log.debug("router.routed", events=len(events), starts=len(plan.starts))
 
     async def _plan(self, conn: asyncpg.Connection, events: list[StoredEvent]) -> _Plan:
@@ -595,6 +1002,8 @@ class EventRouter:
                 relevant = [e for e in jevs if _hits(keys, e)]
                 if not relevant:
                     continue
+                if routed.unreadable:  # held back, never routed past the journey
+                    raise RunStateUnusable(routed.unreadable)
                 history = histories[(cid, journey.id)]
                 # Written, but the router stopped before recording the start: start again
                 # (signal-with-start joins the run if it did start).

@@ -2,12 +2,83 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import asyncpg
 
 NOTIFY_CHANNEL = "events_ingested"
+
+_COLUMNS = "id, message_id, type, event, user_id, anonymous_id, previous_id, timestamp, payload"
+# Unrouted events in routing order, but those of customers the router holds back: a held
+# customer's later events wait behind its held one (identity values, as `ids` of the events).
+_SELECT_UNROUTED = f"""
+SELECT {_COLUMNS} FROM events
+WHERE routed_at IS NULL AND id <> ALL($2::bigint[])
+  AND (user_id IS NULL OR user_id <> ALL($3::text[]))
+  AND (anonymous_id IS NULL OR anonymous_id <> ALL($4::text[]))
+  AND (previous_id IS NULL OR (previous_id <> ALL($3::text[]) AND previous_id <> ALL($4::text[])))
+ORDER BY timestamp, id LIMIT $1
+"""
+# Just those: what the router retries on its slower timer.
+_SELECT_HELD = f"""
+SELECT {_COLUMNS} FROM events
+WHERE routed_at IS NULL AND (id = ANY($2::bigint[]) OR user_id = ANY($3::text[])
+  OR anonymous_id = ANY($4::text[]) OR previous_id = ANY($3::text[])
+  OR previous_id = ANY($4::text[]))
+ORDER BY timestamp, id LIMIT $1
+"""
+
+
+@dataclass(frozen=True)
+class Held:
+    """Events the router holds back: by id, and by the identity values of their customers."""
+
+    ids: Collection[int] = ()
+    users: Collection[str] = ()
+    anons: Collection[str] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.ids or self.users or self.anons)
+
+
+async def select_unrouted(
+    conn: asyncpg.Connection, limit: int, held: Held = Held()
+) -> list[asyncpg.Record]:
+    """The next `limit` events to route, oldest first, leaving out those `held` matches."""
+    return await conn.fetch(
+        _SELECT_UNROUTED, limit, list(held.ids), list(held.users), list(held.anons)
+    )
+
+
+async def select_held(conn: asyncpg.Connection, limit: int, held: Held) -> list[asyncpg.Record]:
+    """The unrouted events `held` matches, oldest first (the complement of `select_unrouted`)."""
+    if not held:
+        return []
+    return await conn.fetch(_SELECT_HELD, limit, list(held.ids), list(held.users), list(held.anons))
+
+
+async def customer_identities(
+    conn: asyncpg.Connection, users: Collection[str], anons: Collection[str]
+) -> dict[tuple[str, str], set[tuple[str, str]]]:
+    """For each known user / anonymous id given: every user and anonymous id of its customer
+    (what holding that customer back has to match)."""
+    out: dict[tuple[str, str], set[tuple[str, str]]] = {}
+    if not users and not anons:
+        return out
+    for r in await conn.fetch(
+        "SELECT k.kind AS k_kind, k.value AS k_value, j.kind, j.value FROM identities k "
+        "JOIN identities j ON j.customer_id = k.customer_id AND j.kind IN ('user', 'anonymous') "
+        "WHERE (k.kind = 'user' AND k.value = ANY($1::text[])) "
+        "OR (k.kind = 'anonymous' AND k.value = ANY($2::text[]))",
+        list(users),
+        list(anons),
+    ):
+        out.setdefault((r["k_kind"], r["k_value"]), set()).add((r["kind"], r["value"]))
+    return out
+
 
 _INSERT = """
 INSERT INTO events (message_id, type, event, user_id, anonymous_id, previous_id, timestamp, payload)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import structlog
 from pydantic import ValidationError
 
 from models.definition_errors import Problem, explain, problem_of
@@ -18,6 +19,8 @@ from models.journey import JourneyDefinition, SendStep, Template
 from models.loading import RUNTIME
 from models.validation import check
 from store.templates import CHANNELS, InvalidTemplate, check_content, get_template, get_version
+
+log = structlog.stdlib.get_logger("journeys")
 
 
 class DefinitionError(ValueError):
@@ -198,35 +201,67 @@ async def publish(
 @dataclass
 class RoutedJourney:
     """What the router needs of a journey: the version new entries get, whether entries are
-    open, and every event any published version reacts to (runs keep their own version)."""
+    open, and every event any published version reacts to (runs keep their own version).
+
+    `unreadable` says why the current version cannot be read (it validated when published;
+    a deploy changed the model since). `current` is then the newest readable version, for
+    its id and the runs pinned to it, and the router holds back every event that hits `keys`
+    (`RunStateUnusable`) rather than route it past the journey as if it were paused."""
 
     current: JourneyDefinition
     status: str
     keys: set[tuple[str, str | None]]
     interest: set[tuple[str, str | None]]  # what running runs react to (not entries)
+    unreadable: str | None = None
 
     @property
     def open(self) -> bool:
-        return self.status == "active"
+        return self.status == "active" and self.unreadable is None
 
 
 async def routed_journeys(conn: asyncpg.Connection | asyncpg.Pool) -> list[RoutedJourney]:
+    """Every non-draft journey with the events its versions react to.
+
+    A version that no longer validates is skipped and logged (error, journey id and version):
+    one bad stored version must not stop routing for every journey. If it is the current
+    version, the journey is routed as `unreadable` (see `RoutedJourney`); if no version of
+    a journey can be read, nothing is known of the events it wants and it is left out,
+    logged as an error at every load (`journeys.not_routed`)."""
     rows = await conn.fetch(
         "SELECT j.id, j.status, j.current_version, v.version, v.definition FROM journeys j "
         "JOIN journey_versions v ON v.journey_id = j.id WHERE j.status <> 'draft' "
         "ORDER BY j.id, v.version"
     )
     out: dict[str, RoutedJourney] = {}
+    unreadable: dict[str, str] = {}
+    found: set[str] = set()  # journeys whose current version has been read
     for r in rows:
-        defn = JourneyDefinition.model_validate(r["definition"], context=RUNTIME)
+        current = r["version"] == r["current_version"]
+        try:
+            defn = JourneyDefinition.model_validate(r["definition"], context=RUNTIME)
+        except ValueError as err:
+            log.error(
+                "journeys.version_unreadable", journey_id=r["id"], version=r["version"],
+                current=current, error=str(err),
+            )  # fmt: skip
+            if current:
+                unreadable[r["id"]] = f"journey {r['id']} v{r['version']}: {err}"
+            continue
         interest = {(m.type, m.event) for m in defn.interesting()}
         if r["id"] not in out:
             out[r["id"]] = RoutedJourney(defn, r["status"], set(), set())
         routed = out[r["id"]]
         routed.keys |= interest | {(defn.entry.type, defn.entry.event)}
         routed.interest |= interest
-        if r["version"] == r["current_version"]:
+        if current:
+            found.add(r["id"])
+        if r["id"] not in found or current:  # else the newest readable one stands in
             routed.current = defn
+    for journey_id, why in unreadable.items():
+        if journey_id in out:
+            out[journey_id].unreadable = why
+        else:
+            log.error("journeys.not_routed", journey_id=journey_id, error=why)
     return list(out.values())
 
 

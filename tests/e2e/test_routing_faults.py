@@ -373,8 +373,13 @@ async def test_an_error_every_event_hits_is_systemic_and_dead_letters_nothing(en
     assert await dead_letters(eng) == []
     assert isinstance(failed, router_module.SystemicRoutingError), failed
     assert isinstance(failed.__cause__, ValueError)
+    # Left out of the next rounds, retried on their own timer: still failing, and nothing
+    # else routed to tell them apart from a fault of the system, so still nothing set aside.
+    assert await eng.router.route_once() == 0
+    assert await eng.router.retry_holds(every=True) == 0
+    assert await dead_letters(eng) == []
     monkeypatch.undo()  # the fix is deployed
-    assert await _route_all(eng) == 6
+    assert await eng.router.retry_holds(every=True) == 6
     for u in users:
         await eventually(lambda u=u: _greeted(eng, u), what=f"{u} greeted")
     assert await dead_letters(eng) == []
@@ -391,15 +396,16 @@ async def test_an_unreadable_stored_run_holds_its_customers_events_back_without_
     )
     held = track("hx1", "Clicked")
     await store_only(eng, held, identify("hx2"), track("hx2", "Started"))
-    for _ in range(2):  # held back again on each try, loudly, never set aside
-        with pytest.raises(router_module.RoutingHeld):
-            await eng.router.route_once()
+    with pytest.raises(router_module.RoutingHeld):
+        await eng.router.route_once()
     await eventually(lambda: _greeted(eng, "hx2"), what="hx2 greeted meanwhile")
+    assert await eng.router.route_once() == 0  # left out of the next rounds
+    assert await eng.router.retry_holds(every=True) == 0  # held back again, never set aside
     assert await dead_letters(eng) == []
     unrouted = "SELECT count(*) FROM events WHERE message_id = $1 AND routed_at IS NULL"
     assert await eng.pool.fetchval(unrouted, held["messageId"]) == 1
     await eng.pool.execute("UPDATE journey_runs SET entry = NULL WHERE customer_id = $1", cid)
-    assert await _route_all(eng) == 1
+    assert await eng.router.retry_holds(every=True) == 1
     assert await eng.pool.fetchval(unrouted, held["messageId"]) == 0
 
 
@@ -417,3 +423,187 @@ async def test_an_event_no_signal_can_carry_is_dead_lettered_not_refused_by_the_
     (letter,) = await dead_letters(eng)
     assert letter["event_id"] == big
     assert "over the 524288 a signal carries" in letter["error"]
+
+
+# -- held and suspect events wait on their own timer; routing goes on ----------------------
+
+
+def _broken_zone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Identify events with the zone `Broken/Zone` fail while routed (a data error)."""
+    real = profiles_module.valid_timezone
+
+    def broken(name: object) -> bool:
+        if name == "Broken/Zone":
+            raise ValueError("timezone: cannot handle Broken/Zone")
+        return real(name)
+
+    monkeypatch.setattr(profiles_module, "valid_timezone", broken)
+
+
+async def _routing(eng: Engine) -> tuple[asyncio.Event, asyncio.Task[None]]:
+    stop = asyncio.Event()
+    return stop, asyncio.create_task(eng.router.run(stop))
+
+
+async def _stopped(stop: asyncio.Event, running: asyncio.Task[None]) -> None:
+    stop.set()
+    await asyncio.wait_for(running, timeout=30)
+
+
+async def test_a_full_batch_of_poison_events_at_the_front_does_not_stop_routing(eng, monkeypatch):
+    _broken_zone(monkeypatch)
+    eng.router.hold_retry = 0.05
+    poison = []
+    for i in range(2500):  # one bad client batch, older than anything else
+        e = identify(f"px-{i % 500}", timezone="Broken/Zone")
+        e["timestamp"] = "2026-01-01T00:00:00Z"
+        poison.append(e)
+    await store_only(eng, *poison)
+    users = [f"pg-{i}" for i in range(5)]
+    await store_only(eng, *[e for u in users for e in (identify(u), track(u, "Started"))])
+    stop, running = await _routing(eng)
+    try:
+        for u in users:
+            await eventually(lambda u=u: _greeted(eng, u), within=60, what=f"{u} greeted")
+
+        async def all_set_aside() -> bool:
+            return await eng.pool.fetchval("SELECT count(*) FROM dead_letters") == len(poison)
+
+        await eventually(all_set_aside, within=120, what="every poison event dead-lettered")
+    finally:
+        await _stopped(stop, running)
+    letters = await dead_letters(eng)
+    assert {r["message_id"] for r in letters} == {e["messageId"] for e in poison}
+    assert all("cannot handle Broken/Zone" in r["error"] for r in letters)
+    assert await eng.pool.fetchval("SELECT count(*) FROM events WHERE routed_at IS NULL") == 0
+
+
+async def _hold(eng: Engine, user: str) -> None:
+    """Make `user`'s stored run unreadable (a deploy changed the event model)."""
+    await eng.send(identify(user), track(user, "Started"))
+    await eventually(lambda: _greeted(eng, user), what=f"{user} greeted")
+    await eng.pool.execute(
+        "UPDATE journey_runs SET entry = '{\"unexpected\": true}'::jsonb WHERE customer_id = $1",
+        await eng.customer(user),
+    )
+
+
+_UNROUTED = "SELECT count(*) FROM events WHERE message_id = ANY($1::text[]) AND routed_at IS NULL"
+
+
+async def test_a_held_customer_does_not_slow_the_others(eng):
+    eng.router.hold_retry, eng.router.hold_retry_max = 0.05, 0.2
+    await _hold(eng, "hb1")
+    held = track("hb1", "Clicked")
+    await store_only(eng, held, identify("hb2"), track("hb2", "Started"))
+    with pytest.raises(router_module.RoutingHeld):
+        await eng.router.route_once()  # the round that finds it routes the others
+    await eventually(lambda: _greeted(eng, "hb2"), what="hb2 greeted")
+    # The held customer's later events wait too (its order is kept); the others' are
+    # routed in one round, without selecting the held events again.
+    later = identify("hb1", plan="pro")
+    await store_only(eng, later, identify("hb3"), track("hb3", "Started"))
+    assert await eng.router.route_once() == 2
+    assert await eng.router.route_once() == 0
+    await eventually(lambda: _greeted(eng, "hb3"), what="hb3 greeted")
+    waiting = [held["messageId"], later["messageId"]]
+    assert await eng.pool.fetchval(_UNROUTED, waiting) == 2
+    # In the loop: a hold is no reason to back off, and a NOTIFY routes the others at once.
+    stop, running = await _routing(eng)
+    try:
+        await store_only(eng, identify("hb4"), track("hb4", "Started"))
+        await eventually(lambda: _greeted(eng, "hb4"), what="hb4 greeted")
+        assert eng.router.backoffs == 0
+        assert await eng.pool.fetchval(_UNROUTED, waiting) == 2
+        assert await dead_letters(eng) == []
+        # Fixed: the held events are routed by their own timer, in order.
+        await eng.pool.execute(
+            "UPDATE journey_runs SET entry = NULL WHERE customer_id = $1",
+            await eng.customer("hb1"),
+        )
+
+        async def released() -> bool:
+            return await eng.pool.fetchval(_UNROUTED, waiting) == 0
+
+        await eventually(released, what="the held events routed after the fix")
+    finally:
+        await _stopped(stop, running)
+    cid = await eng.customer("hb1")
+    assert await eng.pool.fetchval("SELECT traits FROM customers WHERE id = $1", cid) == {
+        "plan": "pro"
+    }
+    assert await dead_letters(eng) == []
+
+
+@pytest.mark.parametrize("count", [1, 2])
+async def test_a_lone_poison_event_is_dead_lettered_with_nothing_else_arriving(
+    eng, monkeypatch, count
+):
+    _broken_zone(monkeypatch)
+    eng.router.hold_retry = 0.05
+    eng.router.lone_span = 0.0  # in production a minute; tries alone are still required
+    bad = [identify("lp1", timezone="Broken/Zone") for _ in range(count)]  # one customer's
+    await store_only(eng, *bad)
+    stop, running = await _routing(eng)
+    try:
+
+        async def set_aside() -> list[asyncpg.Record]:
+            letters = await dead_letters(eng)
+            return letters if len(letters) == count else []
+
+        letters = await eventually(set_aside, what="the lone poison events dead-lettered")
+    finally:
+        await _stopped(stop, running)
+    assert [r["message_id"] for r in letters] == [e["messageId"] for e in bad]
+    assert all(r["failures"] >= router_module.LONE_FAILURES for r in letters)
+    assert all("cannot handle Broken/Zone" in r["error"] for r in letters)
+
+
+async def test_suspects_of_several_customers_wait_for_another_event_to_route(eng, monkeypatch):
+    _broken_zone(monkeypatch)
+    eng.router.lone_span = 0.0
+    bad = [identify(f"ls-{i}", timezone="Broken/Zone") for i in range(2)]
+    await store_only(eng, *bad)
+    with pytest.raises(router_module.SystemicRoutingError):
+        await eng.router.route_once()
+    for _ in range(3):  # failing alone again and again: maybe a fault of the system
+        assert await eng.router.retry_holds(every=True) == 0
+    assert await dead_letters(eng) == []
+    await eng.send(identify("ls-ok"))  # something routes: the fault is theirs
+    assert await eng.router.retry_holds(every=True) == 2
+    assert len(await dead_letters(eng)) == 2
+
+
+async def test_an_unreadable_old_journey_version_does_not_stop_routing(eng):
+    await eng.publish(PINGER)
+    await eng.publish({**PINGER, "name": "Pinger v2"})
+    # A deploy made version 1 unreadable (it validated when it was published).
+    await eng.pool.execute(
+        "UPDATE journey_versions SET definition = definition || '{\"steps\": 7}'::jsonb "
+        "WHERE journey_id = 'pinger' AND version = 1"
+    )
+    eng.router.journeys_changed()
+    await eng.send(identify("uv1"), track("uv1", "Started"))
+    await eventually(lambda: _greeted(eng, "uv1"), what="uv1 greeted")
+    desc = await (await eng.run("pinger", "uv1")).describe()
+    assert (await desc.memo()).get("enrollment")  # entered the readable current version
+
+
+async def test_an_unreadable_current_version_holds_its_events_and_the_rest_flows(eng):
+    await eng.publish(PINGER)
+    await eng.publish({**PINGER, "name": "Pinger v2"})
+    await eng.pool.execute(
+        "UPDATE journey_versions SET definition = definition || '{\"steps\": 7}'::jsonb "
+        "WHERE journey_id = 'pinger' AND version = 2"
+    )
+    eng.router.journeys_changed()
+    pinged = track("uc1", "Ping")  # only pinger reacts to it: held, never routed past it
+    with pytest.raises(router_module.RoutingHeld):
+        await eng.send(identify("uc2"), track("uc2", "Seen"), pinged)
+    assert await eng.pool.fetchval(_UNROUTED, [pinged["messageId"]]) == 1
+    assert await eng.customer("uc2")  # the others were routed
+    assert await dead_letters(eng) == []
+    # Publishing a readable version is the fix: the held event is retried at once.
+    await eng.publish({**PINGER, "name": "Pinger v3"})
+    assert await eng.router.retry_holds() == 1
+    assert await eng.pool.fetchval(_UNROUTED, [pinged["messageId"]]) == 0
