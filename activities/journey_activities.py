@@ -155,6 +155,21 @@ def _variant(channel: str, contents: dict[str, _Content]) -> str:
     return channel if channel in contents else "*"
 
 
+def request_context(
+    profile: ProfileSnapshot, req: SendRequest | WebhookRequest | TaskRequest
+) -> dict[str, Any]:
+    """The template context of a step's request (send, webhook, hand-off): one place that says
+    which of the request's fields the templates see."""
+    return template_context(
+        profile,
+        req.entry,
+        req.journey_id,
+        req.journey_version,
+        trigger=req.trigger,
+        results=req.results,
+    )
+
+
 def template_context(
     profile: ProfileSnapshot,
     entry: dict[str, Any] | None,
@@ -297,14 +312,7 @@ class JourneyActivities:
                 raise _erased(req.idempotency_key)
             if profile != seen:  # renders of an older profile are of no use
                 rendered, seen = {}, profile
-            ctx = template_context(
-                profile,
-                req.entry,
-                req.journey_id,
-                req.journey_version,
-                trigger=req.trigger,
-                results=req.results,
-            )
+            ctx = request_context(profile, req)
             async with self.pool.acquire() as conn:
                 guess, _ = await self._choose(conn, req, profile.customer_id, profile)
             wanted.add(_variant(guess, contents))
@@ -729,14 +737,7 @@ class JourneyActivities:
     @activity.defn(name="call_webhook")
     async def call_webhook(self, req: WebhookRequest) -> WebhookResult:
         profile = await self._profile(req.customer_id, stats=False)
-        ctx = template_context(
-            profile,
-            req.entry,
-            req.journey_id,
-            req.journey_version,
-            trigger=req.trigger,
-            results=req.results,
-        )
+        ctx = request_context(profile, req)
         return await webhooks.call(self.http, req, ctx, self.signing_secret)
 
     @activity.defn(name="create_task")
@@ -769,14 +770,7 @@ class JourneyActivities:
             profile = await _read_profile(self.pool, req.customer_id)
             if profile is None:
                 raise _erased(req.idempotency_key)
-            ctx = template_context(
-                profile,
-                req.entry,
-                req.journey_id,
-                req.journey_version,
-                trigger=req.trigger,
-                results=req.results,
-            )
+            ctx = request_context(profile, req)
             try:
                 title = await off_loop(render, req.title, ctx)
                 details = await off_loop(webhooks.render_payload, req.details, ctx)
